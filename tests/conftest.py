@@ -10,7 +10,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, open_dict, read_write
 
 import fmlab.config  # noqa: F401  (resolvers)
 
@@ -32,11 +32,13 @@ def compose_config(overrides: list[str], output_dir: Path | None = None) -> Dict
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("train", overrides=overrides, return_hydra_config=True)
-    HydraConfig().set_config(cfg)
     if output_dir is not None:
-        with open_dict(cfg):
+        with read_write(cfg), open_dict(cfg):
             cfg.paths.output_dir = str(output_dir)
             cfg.hydra.runtime.output_dir = str(output_dir)
+    HydraConfig().set_config(cfg)
+    with read_write(cfg), open_dict(cfg):
+        del cfg["hydra"]  # as in a real run: the task function sees the job config only
     return cfg
 
 

@@ -71,7 +71,8 @@ def summary_line(trainer: L.Trainer, initial: dict[str, float]) -> str:
     parts = [f"steps {trainer.global_step}"]
     if ckpt is not None and ckpt.best_model_score is not None:
         best = float(ckpt.best_model_score)
-        parts.append(f"best {ckpt.monitor} {best:.4f}" + (f" (ppl {math.exp(best):.1f})" if "loss" in ckpt.monitor else ""))
+        ppl = f" (ppl {math.exp(min(best, 50)):.1f})" if ckpt.monitor == "val/loss" else ""
+        parts.append(f"best {ckpt.monitor} {best:.4f}{ppl}")
     elif "val/loss" in metrics:
         parts.append(f"val/loss {metrics['val/loss']:.4f}")
     if "val/loss" in initial:
