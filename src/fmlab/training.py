@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import math
 from collections.abc import Callable
@@ -14,7 +15,12 @@ import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
 import fmlab.config  # noqa: F401  (registers the config resolvers)
+from fmlab.config import is_multirun
+from fmlab.data.sources import DataError
+from fmlab.resume import resolve_ckpt_path
+from fmlab.runtime import build_trainer, rank_zero_print
 from fmlab.tasks.base import Task, to_plain
+from fmlab.tasks.pretrained import load_pretrained
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +46,10 @@ def close_loggers() -> None:
 
 
 def task_wrapper(fn: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
-    """Log a failure with the run folder and always close the experiment loggers."""
+    """Log a failure with the run folder and always close the experiment loggers.
+
+    In a sweep (`-m`) a failed job returns NaN instead of raising, so the sweeper records it and runs the rest.
+    """
 
     @functools.wraps(fn)
     def wrapped(cfg: DictConfig) -> Any:
@@ -48,6 +57,8 @@ def task_wrapper(fn: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]
             return fn(cfg)
         except Exception:
             log.exception("Run failed; its folder is %s", cfg.paths.output_dir)
+            if is_multirun():
+                return float("nan")
             raise
         finally:
             close_loggers()
@@ -55,28 +66,77 @@ def task_wrapper(fn: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]
     return wrapped
 
 
+def data_config(cfg: DictConfig) -> dict:
+    """The resolved `data` node, minus `global_batch_size` (a trainer matter, see fmlab/runtime.py)."""
+    node = to_plain(cfg.data)
+    node.pop("global_batch_size", None)
+    return node
+
+
+def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
+    log.info("Instantiating data <%s>", cfg.data._target_)
+    return hydra.utils.instantiate(data_config(cfg))
+
+
+def optimized_value(trainer: L.Trainer, name: str | None) -> float | None:
+    """What a sweeper optimises: the best checkpoint's score when it monitors `name`, else the last value."""
+    ckpt = trainer.checkpoint_callback
+    if name and ckpt is not None and ckpt.monitor == name and ckpt.best_model_score is not None:
+        return float(ckpt.best_model_score)
+    metric = trainer.callback_metrics.get(name) if name else None
+    return None if metric is None else float(metric)
+
+
 def build_task(cfg: DictConfig, datamodule: L.LightningDataModule) -> Task:
     """The LightningModule of `cfg.task`, with the model config completed by what the data decides."""
-    model_cfg = {**to_plain(cfg.model), **datamodule.model_overrides()}
+    data_overrides = datamodule.model_overrides()
+    model_cfg = {**to_plain(cfg.model), **data_overrides}
+    pretrained = None
+    if cfg.get("pretrained"):
+        # The backbone's architecture and tokenizer come from the pretrained source (fmlab/tasks/pretrained.py).
+        pretrained = load_pretrained(cfg.pretrained)
+        pretrained.check_tokenizer(datamodule.extra_state().get("tokenizer"))
+        model_cfg = pretrained.model_config(to_plain(cfg.model), data_overrides)
+    max_length, block_size = getattr(datamodule, "max_length", None), model_cfg.get("block_size")
+    if max_length and block_size and max_length > block_size:
+        raise DataError(f"data.max_length={max_length} exceeds the model's block_size={block_size}; lower it")
+    task_args = datamodule.task_overrides() if hasattr(datamodule, "task_overrides") else {}
     log.info("Instantiating task <%s>", cfg.task._target_)
-    task = hydra.utils.instantiate(cfg.task, model=model_cfg, _recursive_=False)
+    task = hydra.utils.instantiate(cfg.task, model=model_cfg, **task_args, _recursive_=False)
+    if pretrained is not None:
+        pretrained.load_into(task.model)
     task.extra_state.update(datamodule.extra_state())
     return task
+
+
+def test_after_fit(trainer: L.Trainer, task: Task, datamodule: L.LightningDataModule, run_dir: Path) -> dict:
+    """Test the best checkpoint (the final weights without one) and write `test_metrics.json` in the run folder."""
+    ckpt = trainer.checkpoint_callback
+    ckpt_path = ckpt.best_model_path if ckpt is not None and ckpt.best_model_path else None
+    results = trainer.test(task, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False)
+    metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
+    report = {"checkpoint": ckpt_path, "metrics": metrics, **getattr(task, "test_report", {})}
+    if trainer.is_global_zero:
+        (run_dir / "test_metrics.json").write_text(json.dumps(report, indent=2))
+    log.info("Test metrics (%s): %s", ckpt_path or "final weights", metrics)
+    return metrics
 
 
 def summary_line(trainer: L.Trainer, initial: dict[str, float]) -> str:
     """One line: best validation loss/perplexity, where it started, the best checkpoint."""
     ckpt = trainer.checkpoint_callback
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    has_ppl = "val/ppl" in metrics  # language models; a perplexity of an MSE or a classifier means nothing
     parts = [f"steps {trainer.global_step}"]
     if ckpt is not None and ckpt.best_model_score is not None:
         best = float(ckpt.best_model_score)
-        ppl = f" (ppl {math.exp(min(best, 50)):.1f})" if ckpt.monitor == "val/loss" else ""
+        ppl = f" (ppl {math.exp(min(best, 50)):.1f})" if ckpt.monitor == "val/loss" and has_ppl else ""
         parts.append(f"best {ckpt.monitor} {best:.4f}{ppl}")
     elif "val/loss" in metrics:
         parts.append(f"val/loss {metrics['val/loss']:.4f}")
     if "val/loss" in initial:
-        parts.append(f"started at {initial['val/loss']:.4f} (ppl {math.exp(min(initial['val/loss'], 50)):.1f})")
+        ppl = f" (ppl {math.exp(min(initial['val/loss'], 50)):.1f})" if has_ppl else ""
+        parts.append(f"started at {initial['val/loss']:.4f}{ppl}")
     if ckpt is not None and ckpt.best_model_path:
         parts.append(f"checkpoint {ckpt.best_model_path}")
     return "Done: " + ", ".join(parts)
@@ -86,30 +146,36 @@ def summary_line(trainer: L.Trainer, initial: dict[str, float]) -> str:
 def train(cfg: DictConfig) -> float | None:
     """Fit the configured task; returns `cfg.optimized_metric` for sweepers."""
     run_dir = Path(cfg.paths.output_dir)
-    print(f"Run folder: {run_dir}")
+    rank_zero_print(f"Run folder: {run_dir}")
     L.seed_everything(cfg.seed, workers=True)
+    ckpt_path = resolve_ckpt_path(cfg)  # ckpt_path=<file>, or resume=auto / ckpt_path=last
 
-    log.info("Instantiating data <%s>", cfg.data._target_)
-    datamodule: L.LightningDataModule = hydra.utils.instantiate(cfg.data)
+    datamodule = build_datamodule(cfg)
     datamodule.prepare_data()
     task = build_task(cfg, datamodule)
+    # What eval.py rebuilds the test from: the data, and the precision the run reports its test metrics in.
+    task.extra_state.update(data=data_config(cfg), precision=str(cfg.trainer.precision))
+    if cfg.get("compile"):
+        task.model.compile()  # in place: state-dict keys and checkpoints stay those of the plain model
     callbacks = instantiate_list(cfg.get("callbacks"), "callback")
     loggers = instantiate_list(cfg.get("logger"), "logger")
-    log.info("Instantiating trainer <%s>", cfg.trainer._target_)
-    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer = build_trainer(cfg, callbacks, loggers)
 
     resolved = OmegaConf.to_container(cfg, resolve=True)
     for logger in loggers:
         logger.log_hyperparams(resolved)
-    if getattr(datamodule, "tokenizer", None) is not None:
+    if getattr(datamodule, "tokenizer", None) is not None and trainer.is_global_zero:
         datamodule.tokenizer.save(str(run_dir / "tokenizer.json"))
 
     initial: dict[str, float] = {}
-    if cfg.get("validate_before_fit") and not cfg.get("ckpt_path"):
+    if cfg.get("validate_before_fit") and not ckpt_path:
         initial = trainer.validate(task, datamodule=datamodule, verbose=False)[0]
-    trainer.fit(task, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path)
+    metric = optimized_value(trainer, cfg.get("optimized_metric"))
 
-    print(summary_line(trainer, initial))
-    print(f"Run folder: {run_dir}")
-    metric = trainer.callback_metrics.get(cfg.get("optimized_metric"))
-    return None if metric is None else float(metric)
+    if cfg.get("test_after_fit"):
+        test_after_fit(trainer, task, datamodule, run_dir)
+
+    rank_zero_print(summary_line(trainer, initial))
+    rank_zero_print(f"Run folder: {run_dir}")
+    return metric

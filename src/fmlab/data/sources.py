@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import glob
+import importlib.util
 import json
 import logging
 from collections.abc import Iterator
@@ -47,6 +48,18 @@ def deduplicate(records: list[dict], key: str = "text") -> list[dict]:
     if len(unique) < len(records):
         log.info("Dropped %d duplicate documents (%d unique)", len(records) - len(unique), len(unique))
     return unique
+
+
+def resolve_path(spec: str) -> Path:
+    """A path, or `pkg://<package>/<subpath>`: a folder shipped inside an installed Python package."""
+    spec = str(spec)
+    if not spec.startswith("pkg://"):
+        return Path(spec).expanduser()
+    package, _, sub = spec.removeprefix("pkg://").partition("/")
+    found = importlib.util.find_spec(package)
+    if found is None or not found.submodule_search_locations:
+        raise DataError(f"{spec}: the Python package {package!r} is not installed (pip install {package})")
+    return Path(next(iter(found.submodule_search_locations))) / sub
 
 
 def resolve_files(source: str) -> list[Path]:

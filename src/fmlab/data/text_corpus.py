@@ -16,6 +16,7 @@ import torch
 from tokenizers import Tokenizer
 from torch.utils.data import DataLoader, Dataset
 
+from fmlab.data.resumable import resumable_loader
 from fmlab.data.sources import DataError, read_texts, source_fingerprint
 from fmlab.data.tokenizer import EOS, load_tokenizer, token_id, tokenizer_fingerprint, train_bpe
 
@@ -163,10 +164,10 @@ class TextCorpusDataModule(L.LightningDataModule):
         return {"tokenizer": self.tokenizer.to_str()}
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(
-            self.train_set, batch_size=self.batch_size, shuffle=True,
-            drop_last=len(self.train_set) >= self.batch_size,
-            num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+        # Seeded, rank-sharded and resumable mid-epoch without replaying batches (fmlab/data/resumable.py).
+        return resumable_loader(
+            self.train_set, self.batch_size, shuffle=True, seed=self.seed,
+            drop_last=len(self.train_set) >= self.batch_size, num_workers=self.num_workers, trainer=self.trainer,
         )
 
     def val_dataloader(self) -> DataLoader:

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable
-from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from fmlab.data.sources import DataError
+from fmlab.data.sources import DataError, resolve_path
 
 EOS = "<|endoftext|>"
 # One set for every objective, so a tokenizer trained for GPT also serves BERT-style masking.
@@ -32,8 +31,16 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
 
 
 def load_tokenizer(path: str) -> Tokenizer:
-    """A `tokenizer.json` file, or a folder that holds one (an fmlab run or a Hugging Face model folder)."""
-    file = Path(path).expanduser()
+    """A `tokenizer.json` file, a folder that holds one (an fmlab run or a Hugging Face model folder),
+    an fmlab checkpoint (`.ckpt`, which carries its tokenizer), or `pkg://<package>/<folder>`."""
+    file = resolve_path(path)
+    if file.suffix == ".ckpt" and file.is_file():
+        import torch
+
+        state = torch.load(file, map_location="cpu", weights_only=True).get("fmlab", {})
+        if "tokenizer" not in state:
+            raise DataError(f"data.tokenizer: the checkpoint {file} carries no tokenizer")
+        return Tokenizer.from_str(state["tokenizer"])
     if file.is_dir():
         file = file / "tokenizer.json"
     if not file.is_file():
@@ -45,10 +52,23 @@ def load_tokenizer(path: str) -> Tokenizer:
 
 
 def tokenizer_fingerprint(path: str) -> str:
-    """Hash of a tokenizer file's bytes, for cache keys."""
-    file = Path(path).expanduser()
+    """Hash of a tokenizer file's bytes (a checkpoint's path, size and mtime), for cache keys."""
+    file = resolve_path(path)
+    if file.suffix == ".ckpt" and file.is_file():
+        stat = file.stat()
+        return hashlib.sha256(f"{file.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
     file = file / "tokenizer.json" if file.is_dir() else file
     return hashlib.sha256(file.read_bytes()).hexdigest()[:16] if file.is_file() else "missing"
+
+
+def special_token_ids(tok: Tokenizer) -> list[int]:
+    """Ids of the tokenizer's special tokens (padding, [CLS], <mask>, end of text...)."""
+    return sorted(i for i, added in tok.get_added_tokens_decoder().items() if added.special)
+
+
+def find_token(tok: Tokenizer, candidates: tuple[str, ...]) -> int | None:
+    """Id of the first of `candidates` the tokenizer knows (our `<pad>` or BERT's `[PAD]`...)."""
+    return next((tok.token_to_id(t) for t in candidates if tok.token_to_id(t) is not None), None)
 
 
 def token_id(tok: Tokenizer, token: str) -> int:

@@ -1,6 +1,12 @@
 """Plain torch.nn models on one shared transformer core."""
 
+from fmlab.models.bert import BERT, BertConfig
 from fmlab.models.gpt import GPT, GPTConfig
+from fmlab.models.heads import ClassificationHead, pool
 from fmlab.models.transformer import Transformer, TransformerConfig
+from fmlab.models.vit import ViT, ViTConfig
 
-__all__ = ["GPT", "GPTConfig", "Transformer", "TransformerConfig"]
+__all__ = [
+    "BERT", "BertConfig", "ClassificationHead", "GPT", "GPTConfig", "Transformer", "TransformerConfig",
+    "ViT", "ViTConfig", "pool",
+]

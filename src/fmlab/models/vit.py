@@ -6,6 +6,7 @@ The backbone returns hidden states; pooling and heads live in fmlab.models.heads
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -62,6 +63,10 @@ class PatchEmbed(nn.Module):
 
 
 class ViT(nn.Module):
+    # Loading weights trained at another resolution resizes these (see `_resize_pos_embed`).
+    resizable_keys: ClassVar[tuple[str, ...]] = ("pos_embed",)
+    sample_unit: ClassVar[str] = "images"  # what the throughput callback counts
+
     def __init__(self, config: ViTConfig) -> None:
         super().__init__()
         self.config = config
@@ -92,10 +97,7 @@ class ViT(nn.Module):
         """Images (B, in_chans, H, W) -> patch tokens with their position embeddings (B, N, C), no CLS."""
         cfg = self.config
         if pixel_values.dim() != 4 or pixel_values.shape[1] != cfg.in_chans:
-            raise ValueError(
-                f"images of shape {tuple(pixel_values.shape)} have {pixel_values.shape[1] if pixel_values.dim() == 4 else '?'}"
-                f" channel(s) but model.in_chans={cfg.in_chans}"
-            )
+            raise ValueError(f"images of shape {tuple(pixel_values.shape)} do not have model.in_chans={cfg.in_chans}")
         if tuple(pixel_values.shape[2:]) != pair(cfg.img_size):
             raise ValueError(f"images are {tuple(pixel_values.shape[2:])} but model.img_size={cfg.img_size}")
         return self.patch_embed(pixel_values) + self.pos_embed[:, 1:]

@@ -11,6 +11,8 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
+from fmlab.resume import rng_states, set_rng_states
+
 # Parameters with these name parts are embeddings or position tables: never weight-decayed.
 NO_DECAY_NAMES = ("wte", "wpe", "embed", "cls_token", "mask_token", "pos_embed")
 
@@ -83,6 +85,11 @@ class Task(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["fmlab"] = self.extra_state
+        # The class that reads this checkpoint back (eval.py), and the RNG state an exact resume continues from.
+        checkpoint["task_class"] = f"{type(self).__module__}.{type(self).__qualname__}"
+        checkpoint["rng_states"] = rng_states()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.extra_state = checkpoint.get("fmlab", {})
+        if "rng_states" in checkpoint and self._trainer is not None and self.trainer.state.fn == "fit":
+            set_rng_states(checkpoint["rng_states"])  # resuming a fit; loading weights elsewhere leaves RNG alone

@@ -1,0 +1,333 @@
+"""Images for pre-training (pixels only) and few-label fine-tuning (pixels + labels).
+
+Sources are decoded once into uint8 tensors, cached on disk, and served as whole batches: the hot path is
+one tensor index, the configured torchvision v2 augmentations, and a vectorised normalisation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import logging
+import os
+import shutil
+from functools import lru_cache
+from pathlib import Path
+
+import hydra
+import lightning as L
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2
+
+from fmlab.data.image_sources import (
+    ImageSplits,
+    fashion_mnist_fingerprint,
+    read_fashion_mnist,
+    read_image_source,
+    source_fingerprint,
+)
+from fmlab.data.resumable import resumable_loader
+from fmlab.data.sampling import few_label_indices, stratified_split
+from fmlab.data.sources import DataError
+
+log = logging.getLogger(__name__)
+CACHE_VERSION = 1
+PRESETS = ("fashion_mnist",)
+
+
+def pixel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of uint8 images in [0, 1] units, exact, from 256-bin histograms."""
+    values = torch.arange(256, dtype=torch.float64) / 255
+    mean, std = [], []
+    for c in range(images.shape[1]):
+        counts = torch.bincount(images[:, c].reshape(-1), minlength=256).double()
+        m = (counts * values).sum() / counts.sum()
+        var = (counts * values**2).sum() / counts.sum() - m**2
+        mean.append(round(float(m), 6))
+        std.append(round(float(var.clamp_min(1e-12).sqrt()), 6))
+    return mean, std
+
+
+def _as_is(batch: dict) -> dict:
+    """The collate function: `ImageBatches.__getitems__` already returns a whole batch."""
+    return batch
+
+
+class ImageBatches(Dataset):
+    """Batches from in-memory uint8 images: the loader hands `__getitems__` a list of indices."""
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor | None,
+        mean: list[float],
+        std: list[float],
+        size: tuple[int, int],
+        transform: v2.Transform | None = None,
+    ) -> None:
+        self.images, self.labels, self.size, self.transform = images, labels, tuple(size), transform
+        self.mean = torch.tensor(mean).view(1, -1, 1, 1)
+        self.std = torch.tensor(std).view(1, -1, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        index = torch.as_tensor(indices)
+        x = self.images[index]
+        if self.transform is not None:  # per-image random parameters
+            x = torch.stack([self.transform(image) for image in x])
+        if tuple(x.shape[2:]) != self.size:  # the model's resolution, one resize for the whole batch
+            x = v2.functional.resize(x, list(self.size), antialias=True)
+        batch = {"pixel_values": (x.float() / 255 - self.mean) / self.std}
+        if self.labels is not None:
+            batch["labels"] = self.labels[index]
+        return batch
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {k: v[0] for k, v in self.__getitems__([i]).items()}
+
+
+@lru_cache(maxsize=4)
+def _load_cached(path: str) -> tuple[dict, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """The decoded cache folder -> (meta, splits); memoised, so tests and sweeps decode once per process."""
+    folder = Path(path)
+    meta = json.loads((folder / "meta.json").read_text())
+
+    def load(name: str) -> torch.Tensor:
+        return torch.from_numpy(np.load(folder / f"{name}.npy"))
+
+    splits = {s: (load(f"{s}_images"), load(f"{s}_labels")) for s in meta["splits"]}
+    return meta, splits
+
+
+class ImageDataModule(L.LightningDataModule):
+    """A labeled image source for pre-training (labels ignored) or few-label fine-tuning.
+
+    `source` is a preset (`fashion_mnist`), a class-per-subfolder tree or an HF dataset saved to disk. The
+    official training split is split (stratified, seeded) into train and validation; `test` is the official test
+    split (the validation split where the source has none).
+    """
+
+    def __init__(
+        self,
+        source: str = "fashion_mnist",
+        root: str | None = None,
+        labeled: bool = False,
+        label_fraction: float | None = None,
+        labels_per_class: int | None = None,
+        val_fraction: float = 0.1,
+        img_size: int | list[int] | None = None,
+        in_chans: int | None = None,
+        channels: int | None = None,
+        augment: dict | None = None,
+        mean: list[float] | None = None,
+        std: list[float] | None = None,
+        skip_bad_files: bool = False,
+        seed: int = 1234,
+        batch_size: int = 128,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        cache_dir: str = "~/.cache/fmlab",
+    ) -> None:
+        super().__init__()
+        self.source, self.root = str(source), root
+        self.labeled = labeled
+        self.label_fraction, self.labels_per_class = label_fraction, labels_per_class
+        self.val_fraction, self.seed = val_fraction, seed
+        self.img_size = None if img_size is None else (
+            (int(img_size), int(img_size)) if isinstance(img_size, int) else tuple(int(s) for s in img_size)
+        )
+        self.model_in_chans, self.channels = in_chans, channels
+        self.augment = dict(OmegaConf.to_container(augment) if OmegaConf.is_config(augment) else augment or {})
+        self.mean, self.std = (list(mean) if mean else None), (list(std) if std else None)
+        self.skip_bad_files = skip_bad_files
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.cache_root = Path(cache_dir).expanduser()
+        self.label_names: list[str] = []
+        self.train_set = self.val_set = self.test_set = None
+        if self.channels not in (None, 1, 3):
+            raise DataError(f"data.channels={channels}; choose 1 (grey), 3 (RGB) or null (as stored)")
+
+    # ---- decoding and caching ------------------------------------------------------------------------------
+
+    @property
+    def is_preset(self) -> bool:
+        return self.source in PRESETS
+
+    @property
+    def cache_path(self) -> Path:
+        """Cache folder keyed by the source's bytes and what decoding does to them (channels, size)."""
+        if self.is_preset:
+            spec = {"preset": self.source, "files": fashion_mnist_fingerprint(self.root, self.cache_root)}
+        else:  # folders are decoded at the model's size and channel count
+            spec = {"files": source_fingerprint(self.source), "channels": self.channels, "size": self.img_size}
+        spec.update(version=CACHE_VERSION, skip_bad_files=self.skip_bad_files)
+        key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+        name = self.source if self.is_preset else Path(self.source).name
+        return self.cache_root / f"images-{name}-{key}"
+
+    def read_source(self) -> ImageSplits:
+        if self.is_preset:
+            return read_fashion_mnist(self.root, self.cache_root)
+        return read_image_source(self.source, self.channels, self.img_size, self.skip_bad_files)
+
+    def prepare_data(self) -> None:
+        """Decode the source into the cache (uint8 .npy per split) unless an identical cache exists."""
+        final = self.cache_path
+        if (final / "meta.json").is_file():
+            log.info("Reusing image cache %s", final)
+            return
+        log.info("Decoding %s into %s", self.source, final)
+        decoded = self.read_source()
+        tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
+        tmp.mkdir(parents=True, exist_ok=True)
+        for split, (images, labels) in decoded.splits.items():
+            np.save(tmp / f"{split}_images.npy", images.numpy())
+            np.save(tmp / f"{split}_labels.npy", labels.numpy())
+        meta = {
+            "source": self.source,
+            "splits": sorted(decoded.splits),
+            "sizes": {s: len(v[1]) for s, v in decoded.splits.items()},
+            "label_names": decoded.label_names,
+        }
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+        try:
+            os.replace(tmp, final)
+        except OSError:  # another process finished first; its cache is identical
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    # ---- splits ---------------------------------------------------------------------------------------------
+
+    def _check_channels(self, images: torch.Tensor) -> torch.Tensor:
+        """Convert to data.channels (grey <-> RGB), then insist the model takes that many."""
+        have = images.shape[1]
+        if self.channels is not None and self.channels != have:
+            if have == 1 and self.channels == 3:
+                images = images.expand(-1, 3, -1, -1).contiguous()
+            elif have == 3 and self.channels == 1:  # ITU-R 601 luma, as PIL's convert("L")
+                weights = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+                images = (images.float() * weights).sum(1, keepdim=True).round().clamp(0, 255).to(torch.uint8)
+            else:
+                raise DataError(f"data.channels={self.channels}: cannot convert {have}-channel images")
+        if self.model_in_chans is not None and self.model_in_chans != images.shape[1]:
+            raise DataError(
+                f"the images of data.source={self.source} have {images.shape[1]} channel(s) but "
+                f"model.in_chans={self.model_in_chans}; set data.channels={self.model_in_chans} to convert them "
+                f"or model.in_chans={images.shape[1]}"
+            )
+        return images
+
+    def build_augment(self, size: tuple[int, int]) -> v2.Transform | None:
+        """The `augment` dict of `_target_` nodes (torchvision v2 transforms) -> one Compose; size defaults to
+        the image size. An entry set to null is left out."""
+        steps = []
+        for name, node in self.augment.items():
+            if node is None:
+                continue
+            if "_target_" not in node:
+                raise DataError(f"data.augment.{name} needs a _target_, e.g. torchvision.transforms.v2.RandomCrop")
+            cls = hydra.utils.get_class(node["_target_"])
+            extra = {"size": list(size)} if "size" in inspect.signature(cls).parameters and "size" not in node else {}
+            steps.append(hydra.utils.instantiate(node, **extra))
+        return v2.Compose(steps) if steps else None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        meta, splits = _load_cached(str(self.cache_path))
+        self.label_names = list(meta["label_names"])
+        images, labels = splits["train"]
+        images = self._check_channels(images)
+        if "val" in splits:
+            train_idx, val_images, val_labels = np.arange(len(labels)), *splits["val"]
+            val_images = self._check_channels(val_images)
+        else:
+            train_idx, val_idx = stratified_split(labels.numpy(), [self.val_fraction], seed=self.seed)
+            if len(val_idx) == 0 or len(train_idx) == 0:
+                raise DataError(
+                    f"data.val_fraction={self.val_fraction} leaves an empty train or validation split of "
+                    f"{len(labels)} images (split per class); raise or lower it"
+                )
+            val_images, val_labels = images[val_idx], labels[val_idx]
+        if self.mean is None or self.std is None:
+            self.mean, self.std = pixel_stats(images[train_idx])
+        if len(self.mean) != images.shape[1] or len(self.std) != images.shape[1]:
+            raise DataError(f"data.mean/data.std have {len(self.mean)}/{len(self.std)} values for "
+                            f"{images.shape[1]}-channel images")
+        if self.labeled and (not self.label_names or bool((labels < 0).any())):
+            raise DataError(f"data.source={self.source} has unlabeled images; fine-tuning needs a class folder each")
+        if self.labeled:
+            keep = few_label_indices(labels[train_idx].numpy(), self.label_fraction, self.labels_per_class, self.seed)
+            train_idx = train_idx[keep]
+            log.info("Fine-tuning on %d labeled images (%s)", len(train_idx), self.label_summary(labels[train_idx]))
+        # Images stay at their stored size; batches come out at the model's (model.img_size, else the stored one).
+        size = self.img_size or tuple(images.shape[2:])
+        augment = self.build_augment(size)
+        train_labels = labels[train_idx] if self.labeled else None
+        self.train_set = ImageBatches(images[train_idx], train_labels, self.mean, self.std, size, augment)
+        self.val_set = ImageBatches(val_images, val_labels if self.labeled else None, self.mean, self.std, size)
+        test_images, test_labels = splits.get("test", (None, None))
+        if test_images is None:
+            log.info("%s has no test split; testing on the validation split", self.source)
+            self.test_set = self.val_set
+        else:
+            self.test_set = ImageBatches(
+                self._check_channels(test_images), test_labels if self.labeled else None, self.mean, self.std, size
+            )
+
+    def label_summary(self, labels: torch.Tensor) -> str:
+        counts = torch.bincount(labels, minlength=len(self.label_names)).tolist()
+        return f"{len(counts)} classes, {min(counts)}-{max(counts)} each"
+
+    # ---- what the model and checkpoints need -----------------------------------------------------------------
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(channels, height, width) of the batches: after data.channels and model.img_size."""
+        self.setup()
+        return (self.train_set.images.shape[1], *self.train_set.size)
+
+    def model_overrides(self) -> dict:
+        chans, h, w = self.image_shape
+        return {"in_chans": chans, "img_size": h if h == w else [h, w]}
+
+    def task_overrides(self) -> dict:
+        return {"num_labels": len(self.label_names)} if self.labeled else {}
+
+    def extra_state(self) -> dict:
+        """What a checkpoint must carry to be used without this data module."""
+        self.setup()
+        chans, h, w = self.image_shape
+        return {
+            "labels": self.label_names,
+            "normalization": {"mean": self.mean, "std": self.std},
+            "image_shape": [chans, h, w],
+        }
+
+    # ---- loaders ----------------------------------------------------------------------------------------------
+
+    def train_dataloader(self) -> DataLoader:
+        # Seeded, rank-sharded and resumable mid-epoch (fmlab/data/resumable.py); few labels: keep every image.
+        return resumable_loader(
+            self.train_set, self.batch_size, shuffle=True, seed=self.seed,
+            drop_last=not self.labeled and len(self.train_set) >= self.batch_size,
+            num_workers=self.num_workers, trainer=self.trainer, collate_fn=_as_is,
+        )
+
+    def _eval_loader(self, dataset: ImageBatches) -> DataLoader:
+        return DataLoader(
+            dataset, batch_size=self.eval_batch_size, collate_fn=_as_is,
+            num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader(self.val_set)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader(self.test_set)

@@ -1,0 +1,78 @@
+"""The run behind generate.py: sample text from a causal-LM checkpoint, with the model's KV cache."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from tokenizers import Tokenizer
+from torch import nn
+
+from fmlab.data.tokenizer import EOS, token_id
+from fmlab.tasks.base import build_model
+
+log = logging.getLogger(__name__)
+
+
+def load_generator(ckpt_path: str | Path, device: str = "cpu") -> tuple[nn.Module, Tokenizer]:
+    """The model (in eval mode) and tokenizer of an fmlab checkpoint, without Lightning or the training data."""
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"ckpt_path={path} does not exist")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    model = build_model(checkpoint["hyper_parameters"]["model"])
+    if not hasattr(model, "generate"):
+        raise ValueError(f"{path} holds a {type(model).__name__}, which does not generate text; use a GPT checkpoint")
+    state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
+    model.load_state_dict(state)
+    tokenizer_json = checkpoint.get("fmlab", {}).get("tokenizer")
+    if tokenizer_json is None:
+        raise ValueError(f"{path} carries no tokenizer")
+    return model.to(device).eval(), Tokenizer.from_str(tokenizer_json)
+
+
+def generate_text(
+    model: nn.Module, tokenizer: Tokenizer, prompt: str = "", max_new_tokens: int = 100, temperature: float = 1.0,
+    top_k: int | None = None, num_samples: int = 1, seed: int | None = None, stop_at_eos: bool = True,
+) -> list[dict[str, Any]]:
+    """`num_samples` continuations of `prompt`: each {"text", "token_ids"} (the new tokens only).
+
+    An empty prompt starts a fresh document (the end-of-text token separates documents in training).
+    With `stop_at_eos` a sample ends at its first end-of-text token; otherwise it has `max_new_tokens` tokens.
+    """
+    eos = token_id(tokenizer, EOS)
+    ids = tokenizer.encode(prompt, add_special_tokens=False).ids if prompt else []
+    ids = ids or [eos]
+    device = next(model.parameters()).device
+    prompt_ids = torch.tensor([ids] * num_samples, device=device)
+    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    out = model.generate(
+        prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k,
+        eos_token_id=eos if stop_at_eos else None, generator=generator,
+    )
+    samples = []
+    for row in out[:, len(ids):].tolist():
+        if stop_at_eos and eos in row:
+            row = row[: row.index(eos)]
+        samples.append({"text": tokenizer.decode(row), "token_ids": row})
+    return samples
+
+
+def generate(cfg: DictConfig) -> list[dict[str, Any]]:
+    """Print the samples and write them to `<run folder>/samples.json`."""
+    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer = load_generator(cfg.ckpt_path, device)
+    samples = generate_text(
+        model, tokenizer, cfg.prompt, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.num_samples, cfg.seed,
+        cfg.stop_at_eos,
+    )
+    for i, sample in enumerate(samples):
+        print(f"--- sample {i} ---\n{cfg.prompt}{sample['text']}")
+    out = Path(cfg.paths.output_dir) / "samples.json"
+    out.write_text(json.dumps({"prompt": cfg.prompt, "samples": samples}, indent=2))
+    log.info("Samples written to %s", out)
+    return samples

@@ -1,0 +1,193 @@
+"""BERT: token + position + token-type embeddings around the bidirectional transformer core, with a tied MLM head.
+
+`pre_norm=False` is the original post-LN BERT, which real BERT checkpoints (MiniLM, bert-base) need to load exactly;
+`from_hf_bert` maps a Hugging Face `BertModel` config and state dict onto this module.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fmlab.models.transformer import (
+    ACTIVATIONS,
+    Transformer,
+    TransformerConfig,
+    init_weights,
+    num_params,
+    padding_to_attn_mask,
+)
+
+
+@dataclass
+class BertConfig(TransformerConfig):
+    vocab_size: int = 8192
+    block_size: int = 512  # max positions (HF: max_position_embeddings)
+    type_vocab_size: int = 2
+    nsp: bool = False  # build the next-sentence-prediction head (pooler + 2-way classifier)
+
+    def build(self) -> BERT:
+        return BERT(self)
+
+
+class MLMHead(nn.Module):
+    """Transform (dense, activation, LayerNorm) then a decoder whose weight is tied to the word embeddings."""
+
+    def __init__(self, cfg: BertConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(cfg.n_embd, cfg.n_embd)
+        self.act = ACTIVATIONS[cfg.activation]()
+        self.norm = nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps)
+        self.decoder = nn.Linear(cfg.n_embd, cfg.vocab_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.norm(self.act(self.dense(x))))
+
+
+class BERT(nn.Module):
+    # Objective-specific submodules: a fine-tuning task removes them, a checkpoint loader drops their weights.
+    pretraining_heads: ClassVar[tuple[str, ...]] = ("mlm_head", "pooler", "nsp_head")
+
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__()
+        if config.causal:
+            raise ValueError("BERT is bidirectional: set model.causal=false")
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.block_size, config.n_embd)
+        self.wtt = nn.Embedding(config.type_vocab_size, config.n_embd)
+        self.embed_norm = nn.LayerNorm(config.n_embd, eps=config.norm_eps)
+        self.drop = nn.Dropout(config.dropout)
+        self.transformer = Transformer(config)
+        self.mlm_head = MLMHead(config)
+        self.pooler = nn.Sequential(nn.Linear(config.n_embd, config.n_embd), nn.Tanh()) if config.nsp else None
+        self.nsp_head = nn.Linear(config.n_embd, 2) if config.nsp else None
+        init_weights(self, config.n_layer)
+        self.mlm_head.decoder.weight = self.wte.weight  # tied after init so both see the embedding init
+
+    def encode(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Token ids (B, T), padding mask (B, T) with 1 = real token -> hidden states (B, T, C)."""
+        T = input_ids.size(1)
+        if T > self.config.block_size:
+            raise ValueError(f"sequence of {T} tokens exceeds model.block_size={self.config.block_size}")
+        pos = torch.arange(T, device=input_ids.device)
+        x = self.wte(input_ids) + self.wpe(pos)
+        x = x + (self.wtt(token_type_ids) if token_type_ids is not None else self.wtt.weight[0])
+        x = self.drop(self.embed_norm(x))
+        return self.transformer(x, attn_mask=padding_to_attn_mask(attention_mask))
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """MLM. Without targets: logits (B, T, V). With targets (-100 = not predicted): the logits of the
+        predicted positions only (N, V) and their mean cross-entropy; the vocabulary projection is the costly
+        part and 85 % of positions need none."""
+        hidden = self.encode(input_ids, attention_mask, token_type_ids)
+        if targets is None:
+            return self.mlm_head(hidden), None
+        selected = targets != -100
+        logits = self.mlm_head(hidden[selected])
+        return logits, F.cross_entropy(logits.float(), targets[selected])
+
+    def nsp_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Is-next-sentence logits (B, 2) from the first ([CLS]) position of `encode`'s output."""
+        if self.nsp_head is None:
+            raise ValueError("the model has no NSP head: set model.nsp=true")
+        return self.nsp_head(self.pooler(hidden[:, 0]))
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        exclude = (self.wpe.weight, self.wtt.weight) if non_embedding else ()
+        return num_params(self, exclude=exclude)
+
+
+HF_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
+
+
+def from_hf_bert(hf_config: dict, state: dict[str, torch.Tensor]) -> tuple[dict, dict[str, torch.Tensor]]:
+    """A Hugging Face BERT `config.json` and state dict -> (our model config node, our state dict)."""
+    act = hf_config.get("hidden_act", "gelu")
+    if act not in HF_ACTIVATIONS:
+        raise ValueError(f"config.json: hidden_act={act!r} is not supported; use one of {sorted(HF_ACTIVATIONS)}")
+    if hf_config.get("position_embedding_type", "absolute") != "absolute":
+        raise ValueError("config.json: only position_embedding_type='absolute' is supported")
+    model_cfg = {
+        "_target_": "fmlab.models.bert.BertConfig",
+        "vocab_size": hf_config["vocab_size"],
+        "block_size": hf_config.get("max_position_embeddings", 512),
+        "type_vocab_size": hf_config.get("type_vocab_size", 2),
+        "n_layer": hf_config["num_hidden_layers"],
+        "n_head": hf_config["num_attention_heads"],
+        "n_embd": hf_config["hidden_size"],
+        "intermediate_size": hf_config.get("intermediate_size"),
+        "dropout": hf_config.get("hidden_dropout_prob", 0.1),
+        "attn_dropout": hf_config.get("attention_probs_dropout_prob", 0.1),
+        "bias": True,
+        "causal": False,
+        "pre_norm": False,
+        "norm_eps": hf_config.get("layer_norm_eps", 1e-12),
+        "activation": HF_ACTIVATIONS[act],
+        "nsp": False,
+    }
+    renames = {
+        "embeddings.word_embeddings": "wte",
+        "embeddings.position_embeddings": "wpe",
+        "embeddings.token_type_embeddings": "wtt",
+        "embeddings.LayerNorm": "embed_norm",
+        "attention.output.dense": "attn.proj",
+        "attention.output.LayerNorm": "ln_1",
+        "intermediate.dense": "mlp.fc",
+        "output.dense": "mlp.proj",
+        "output.LayerNorm": "ln_2",
+        "cls.predictions.transform.dense": "mlm_head.dense",
+        "cls.predictions.transform.LayerNorm": "mlm_head.norm",
+        "cls.predictions.decoder": "mlm_head.decoder",
+        "pooler.dense": "pooler.0",
+        "cls.seq_relationship": "nsp_head",
+    }
+    out: dict[str, torch.Tensor] = {}
+    qkv: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in state.items():
+        key = key.removeprefix("bert.")
+        key = key.replace(".gamma", ".weight").replace(".beta", ".bias")  # very old checkpoints
+        if key.endswith("position_ids"):
+            continue
+        if key == "cls.predictions.bias":
+            out["mlm_head.decoder.bias"] = value
+            continue
+        if key.startswith("encoder.layer."):
+            layer, rest = key.removeprefix("encoder.layer.").split(".", 1)
+            prefix = f"transformer.blocks.{layer}."
+            if rest.startswith("attention.self."):
+                proj, param = rest.removeprefix("attention.self.").split(".")
+                qkv.setdefault(f"{prefix}attn.qkv.{param}", {})[proj] = value
+                continue
+            for old, new in renames.items():
+                if rest.startswith(old + "."):
+                    key = prefix + new + rest[len(old) :]
+                    break
+            else:
+                key = prefix + rest  # unknown: reported by the strict key check
+        else:
+            for old, new in renames.items():
+                if key.startswith(old + "."):
+                    key = new + key[len(old) :]
+                    break
+        out[key] = value
+    for key, parts in qkv.items():
+        out[key] = torch.cat([parts["query"], parts["key"], parts["value"]], dim=0)
+    if "pooler.0.weight" in out and "nsp_head.weight" in out:
+        model_cfg["nsp"] = True
+    return model_cfg, out

@@ -1,0 +1,64 @@
+"""Small synthetic image sources for the vision tests: IDX gzip files, class folders of PNGs."""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import numpy as np
+
+# A tiny ViT and MAE and a short CPU run on 28x28 synthetic images: seconds per test.
+TINY_VIT = [
+    "model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.patch_size=4",
+    "data.batch_size=16", "data.eval_batch_size=64", "data.val_fraction=0.2",
+    "trainer.accelerator=cpu", "trainer.devices=1", "trainer.precision=32",
+    "trainer.max_steps=20", "trainer.val_check_interval=10", "trainer.log_every_n_steps=1",
+    "+trainer.enable_progress_bar=false", "+trainer.enable_model_summary=false",
+    "logger=csv", "callbacks=[model_checkpoint]",
+]
+TINY_MAE = ["task.decoder.n_embd=32", "task.decoder.n_layer=1", "task.decoder.n_head=2", "task.num_images=4"]
+
+
+def pattern_images(n: int, size: int = 28, n_classes: int = 2, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(n, size, size) uint8 images with a learnable structure, and their labels: class c draws stripes of
+    period 4 + 2c, horizontal for even classes and vertical for odd ones, at a random phase, with noise."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % n_classes
+    grid = np.arange(size)
+    images = np.empty((n, size, size), dtype=np.uint8)
+    for i, c in enumerate(labels):
+        period, phase = 4 + 2 * c, rng.integers(0, 8)
+        wave = ((grid + phase) % period < period / 2).astype(np.float64)
+        img = wave[:, None] * np.ones(size) if c % 2 == 0 else np.ones(size)[:, None] * wave[None, :]
+        img = 40 + 180 * img + rng.normal(0, 10, (size, size))
+        images[i] = np.clip(img, 0, 255).astype(np.uint8)
+    return images, labels.astype(np.uint8)
+
+
+def write_idx(path: Path, array: np.ndarray) -> Path:
+    """An IDX file (gzip when the name ends in .gz) of a uint8 array."""
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    data = header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
+    path.write_bytes(gzip.compress(data) if path.suffix == ".gz" else data)
+    return path
+
+
+def write_fashion_like(folder: Path, n_train: int = 200, n_test: int = 60) -> Path:
+    """The four Fashion-MNIST IDX gzip files, with 10 classes of synthetic patterns."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, n, seed in (("train", n_train, 0), ("t10k", n_test, 1)):
+        images, labels = pattern_images(n, n_classes=10, seed=seed)
+        write_idx(folder / f"{split}-images-idx3-ubyte.gz", images)
+        write_idx(folder / f"{split}-labels-idx1-ubyte.gz", labels)
+    return folder
+
+
+def write_image_folder(folder: Path, n_per_class: int = 40, size: int = 28, rgb: bool = False) -> Path:
+    """`folder/<class>/<i>.png` for two pattern classes."""
+    from PIL import Image
+
+    images, labels = pattern_images(2 * n_per_class, size=size)
+    for i, (image, label) in enumerate(zip(images, labels, strict=True)):
+        (folder / f"class{label}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).convert("RGB" if rgb else "L").save(folder / f"class{label}" / f"{i:03d}.png")
+    return folder

