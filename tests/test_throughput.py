@@ -92,3 +92,28 @@ def test_callback_logs_hand_computed_mfu(tmp_path: Path) -> None:
     assert summary["steps"] == 4 and summary["samples"] == 32 and summary["tokens"] == 32 * T
     assert summary["train_seconds"] == pytest.approx(8.0)
     assert summary["mfu"] == pytest.approx(4.0 * per_sample / 1e9)
+
+
+def test_bert_vit_and_mae_flops_by_hand() -> None:
+    from fmlab.models.bert import BertConfig
+    from fmlab.models.vit import ViTConfig
+    from fmlab.tasks.mae import MAETask
+
+    bert = BertConfig(vocab_size=100, block_size=16, n_layer=2, n_head=2, n_embd=8).build()
+    weights = sum(p.numel() for n, p in bert.named_parameters() if n not in ("wpe.weight", "wtt.weight"))
+    assert bert.flops_per_sample() == (6 * weights + 12 * 2 * 8 * 16) * 16
+
+    vit_cfg = dict(img_size=28, patch_size=4, in_chans=1, n_layer=2, n_head=2, n_embd=8, pos_embed="learned")
+    vit = ViTConfig(**vit_cfg).build()
+    weights = sum(p.numel() for n, p in vit.named_parameters() if n != "pos_embed")
+    assert vit.sample_unit == "images"
+    assert vit.flops_per_sample() == (6 * weights + 12 * 2 * 8 * 50) * 50  # 49 patches + CLS
+
+    optim = {"_target_": "torch.optim.AdamW", "lr": 1e-3}
+    mae = MAETask({"_target_": "fmlab.models.vit.ViTConfig", **vit_cfg}, optim, {}, mask_ratio=0.75,
+                  decoder={"n_embd": 4, "n_layer": 1, "n_head": 1})
+    decoder_weights = sum(p.numel() for p in mae.decoder.parameters())
+    visible = 49 - 36 + 1  # the encoder sees a quarter of the patches, plus CLS
+    expected = (6 * weights + 12 * 2 * 8 * visible) * visible + (6 * decoder_weights + 12 * 1 * 4 * 50) * 50
+    assert mae.flops_per_sample() == expected
+    assert mae.flops_per_sample() < vit.flops_per_sample() + (6 * decoder_weights + 12 * 4 * 50) * 50

@@ -102,7 +102,8 @@ class Throughput(L.Callback):
         self.pause_start: float | None = None
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        model = getattr(pl_module, "model", pl_module)
+        # A task whose objective changes the cost (MAE encodes a quarter of the patches) reports it itself.
+        model = pl_module if hasattr(pl_module, "flops_per_sample") else getattr(pl_module, "model", pl_module)
         self.flops_per_sample = float(model.flops_per_sample()) if hasattr(model, "flops_per_sample") else None
         self.tokens_per_sample = int(model.tokens_per_sample()) if hasattr(model, "tokens_per_sample") else None
         self.unit = getattr(model, "sample_unit", "samples")

@@ -20,6 +20,7 @@ from fmlab.models.transformer import (
     init_weights,
     num_params,
     padding_to_attn_mask,
+    training_flops,
 )
 
 
@@ -111,6 +112,14 @@ class BERT(nn.Module):
     def num_params(self, non_embedding: bool = True) -> int:
         exclude = (self.wpe.weight, self.wtt.weight) if non_embedding else ()
         return num_params(self, exclude=exclude)
+
+    def tokens_per_sample(self) -> int:
+        return self.config.block_size
+
+    def flops_per_sample(self) -> int:
+        """Training FLOPs of one full-length sequence (the tied MLM projection counted as a matmul)."""
+        cfg = self.config
+        return training_flops(self.num_params(), cfg.n_layer, cfg.n_embd, self.tokens_per_sample())
 
 
 HF_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}

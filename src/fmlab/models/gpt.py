@@ -8,7 +8,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fmlab.models.transformer import KVCache, Transformer, TransformerConfig, init_weights, num_params
+from fmlab.models.transformer import (
+    KVCache,
+    Transformer,
+    TransformerConfig,
+    init_weights,
+    num_params,
+    training_flops,
+)
 
 
 @dataclass
@@ -63,19 +70,17 @@ class GPT(nn.Module):
     def num_params(self, non_embedding: bool = True) -> int:
         return num_params(self, exclude=(self.wpe.weight,) if non_embedding else ())
 
-    def flops_per_token(self) -> int:
-        """Training FLOPs (forward + backward) per token at full context: 6 per weight for the matmuls, position
-        table excluded (the tied embedding counts once, as the LM head), plus 12 L C T for the attention scores and
-        weighted values (PaLM appendix B; nanoGPT's estimate_mfu)."""
-        cfg = self.config
-        return 6 * self.num_params() + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
-
     def tokens_per_sample(self) -> int:
         return self.config.block_size
 
     def flops_per_sample(self) -> int:
-        """Training FLOPs of one `block_size` window (the throughput callback's per-family hook)."""
-        return self.flops_per_token() * self.tokens_per_sample()
+        """Training FLOPs of one `block_size` window (the throughput callback's per-family hook); the position table
+        is excluded and the tied embedding counts once, as the LM head."""
+        cfg = self.config
+        return training_flops(self.num_params(), cfg.n_layer, cfg.n_embd, cfg.block_size)
+
+    def flops_per_token(self) -> int:
+        return self.flops_per_sample() // self.tokens_per_sample()
 
     @torch.no_grad()
     def generate(

@@ -182,3 +182,9 @@ def num_params(model: nn.Module, exclude: tuple[nn.Parameter, ...] = ()) -> int:
     """Parameter count, shared (tied) tensors counted once, minus the `exclude` tensors."""
     skip = {id(p) for p in exclude}
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values() if id(p) not in skip)
+
+
+def training_flops(matmul_params: int, n_layer: int, n_embd: int, seq_len: int) -> int:
+    """Forward + backward FLOPs of one sequence of `seq_len` tokens: 6 per weight per token for the matmuls, plus
+    12 L C T per token for attention scores and weighted values (PaLM appendix B; nanoGPT's estimate_mfu)."""
+    return (6 * matmul_params + 12 * n_layer * n_embd * seq_len) * seq_len

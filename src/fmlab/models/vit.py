@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from fmlab.models.pos_embed import interpolate_pos_embed, sincos_2d
-from fmlab.models.transformer import Transformer, TransformerConfig, init_weights, num_params
+from fmlab.models.transformer import Transformer, TransformerConfig, init_weights, num_params, training_flops
 
 POS_EMBEDS = ("learned", "sincos")
 
@@ -115,6 +115,15 @@ class ViT(nn.Module):
 
     def num_params(self) -> int:
         return num_params(self)
+
+    sample_unit = "images"
+
+    def flops_per_sample(self) -> int:
+        """Training FLOPs of one image: all N patches plus CLS through the encoder (position table excluded)."""
+        cfg = self.config
+        learned_table = (self.pos_embed,) if isinstance(self.pos_embed, nn.Parameter) else ()
+        weights = num_params(self, exclude=learned_table)
+        return training_flops(weights, cfg.n_layer, cfg.n_embd, self.num_patches + 1)
 
     def _resize_pos_embed(self, module, state_dict, prefix, *args) -> None:
         """Loading weights trained at another resolution: interpolate a learned table, rebuild a fixed one."""

@@ -17,7 +17,7 @@ from torchmetrics import MeanMetric
 from torchvision.utils import make_grid, save_image
 
 from fmlab.models.pos_embed import sincos_2d
-from fmlab.models.transformer import Transformer, TransformerConfig, init_weights
+from fmlab.models.transformer import Transformer, TransformerConfig, init_weights, num_params, training_flops
 from fmlab.models.vit import ViT
 from fmlab.tasks.base import Task, to_plain
 
@@ -125,6 +125,18 @@ class MAETask(Task):
             target = (target - mean) / (var + 1e-6).sqrt()
         loss = ((pred - target) ** 2).mean(dim=-1)
         return (loss * mask).sum() / mask.sum(), pred, mask
+
+    sample_unit = "images"
+
+    def flops_per_sample(self) -> int:
+        """Training FLOPs of one image: the encoder on the visible patches + CLS, the decoder on all patches + CLS."""
+        enc, dec, n = self.model.config, self.decoder, self.model.num_patches
+        visible = n - int(n * self.mask_ratio) + 1
+        encoder_weights = num_params(self.model, exclude=(self.model.pos_embed,))
+        dec_layers, dec_width = len(dec.transformer.blocks), dec.mask_token.shape[-1]
+        return training_flops(encoder_weights, enc.n_layer, enc.n_embd, visible) + training_flops(
+            num_params(dec), dec_layers, dec_width, n + 1
+        )
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss, _, _ = self(batch["pixel_values"])
