@@ -1,7 +1,7 @@
 """BERT: token + position + token-type embeddings around the bidirectional transformer core, with a tied MLM head.
 
 `pre_norm=False` is the original post-LN BERT, which real BERT checkpoints (MiniLM, bert-base) need to load exactly;
-`from_hf_bert` maps a Hugging Face `BertModel` config and state dict onto this module.
+`from_hf_bert` (fmlab.interop.hf_bert) maps a Hugging Face `BertModel` config and state dict onto this module.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fmlab.interop.hf_bert import from_hf as from_hf_bert  # noqa: F401  (its former home; the map is there)
 from fmlab.models.transformer import (
     ACTIVATIONS,
     Transformer,
@@ -121,82 +122,3 @@ class BERT(nn.Module):
         cfg = self.config
         return training_flops(self.num_params(), cfg.n_layer, cfg.n_embd, self.tokens_per_sample())
 
-
-HF_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
-
-
-def from_hf_bert(hf_config: dict, state: dict[str, torch.Tensor]) -> tuple[dict, dict[str, torch.Tensor]]:
-    """A Hugging Face BERT `config.json` and state dict -> (our model config node, our state dict)."""
-    act = hf_config.get("hidden_act", "gelu")
-    if act not in HF_ACTIVATIONS:
-        raise ValueError(f"config.json: hidden_act={act!r} is not supported; use one of {sorted(HF_ACTIVATIONS)}")
-    if hf_config.get("position_embedding_type", "absolute") != "absolute":
-        raise ValueError("config.json: only position_embedding_type='absolute' is supported")
-    model_cfg = {
-        "_target_": "fmlab.models.bert.BertConfig",
-        "vocab_size": hf_config["vocab_size"],
-        "block_size": hf_config.get("max_position_embeddings", 512),
-        "type_vocab_size": hf_config.get("type_vocab_size", 2),
-        "n_layer": hf_config["num_hidden_layers"],
-        "n_head": hf_config["num_attention_heads"],
-        "n_embd": hf_config["hidden_size"],
-        "intermediate_size": hf_config.get("intermediate_size"),
-        "dropout": hf_config.get("hidden_dropout_prob", 0.1),
-        "attn_dropout": hf_config.get("attention_probs_dropout_prob", 0.1),
-        "bias": True,
-        "causal": False,
-        "pre_norm": False,
-        "norm_eps": hf_config.get("layer_norm_eps", 1e-12),
-        "activation": HF_ACTIVATIONS[act],
-        "nsp": False,
-    }
-    renames = {
-        "embeddings.word_embeddings": "wte",
-        "embeddings.position_embeddings": "wpe",
-        "embeddings.token_type_embeddings": "wtt",
-        "embeddings.LayerNorm": "embed_norm",
-        "attention.output.dense": "attn.proj",
-        "attention.output.LayerNorm": "ln_1",
-        "intermediate.dense": "mlp.fc",
-        "output.dense": "mlp.proj",
-        "output.LayerNorm": "ln_2",
-        "cls.predictions.transform.dense": "mlm_head.dense",
-        "cls.predictions.transform.LayerNorm": "mlm_head.norm",
-        "cls.predictions.decoder": "mlm_head.decoder",
-        "pooler.dense": "pooler.0",
-        "cls.seq_relationship": "nsp_head",
-    }
-    out: dict[str, torch.Tensor] = {}
-    qkv: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in state.items():
-        key = key.removeprefix("bert.")
-        key = key.replace(".gamma", ".weight").replace(".beta", ".bias")  # very old checkpoints
-        if key.endswith("position_ids"):
-            continue
-        if key == "cls.predictions.bias":
-            out["mlm_head.decoder.bias"] = value
-            continue
-        if key.startswith("encoder.layer."):
-            layer, rest = key.removeprefix("encoder.layer.").split(".", 1)
-            prefix = f"transformer.blocks.{layer}."
-            if rest.startswith("attention.self."):
-                proj, param = rest.removeprefix("attention.self.").split(".")
-                qkv.setdefault(f"{prefix}attn.qkv.{param}", {})[proj] = value
-                continue
-            for old, new in renames.items():
-                if rest.startswith(old + "."):
-                    key = prefix + new + rest[len(old) :]
-                    break
-            else:
-                key = prefix + rest  # unknown: reported by the strict key check
-        else:
-            for old, new in renames.items():
-                if key.startswith(old + "."):
-                    key = new + key[len(old) :]
-                    break
-        out[key] = value
-    for key, parts in qkv.items():
-        out[key] = torch.cat([parts["query"], parts["key"], parts["value"]], dim=0)
-    if "pooler.0.weight" in out and "nsp_head.weight" in out:
-        model_cfg["nsp"] = True
-    return model_cfg, out

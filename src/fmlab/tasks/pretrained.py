@@ -1,4 +1,5 @@
-"""Start a task from pretrained weights: an fmlab checkpoint of any pre-training run, or a Hugging Face folder.
+"""Start a task from pretrained weights: an fmlab checkpoint of any pre-training run, a Hugging Face folder
+(BERT, GPT-2, ViT; fmlab.interop maps the layouts) or, online, a Hugging Face Hub name.
 
 The architecture comes from the source; only regularisation (dropout, drop-path) follows the fine-tune config.
 Per-family converters map foreign layouts onto our module names: `HF_CONVERTERS` by HF `model_type`,
@@ -10,6 +11,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,8 +30,15 @@ log = logging.getLogger(__name__)
 # (model config node, state dict) -> (model config node of the fine-tune backbone, its state dict).
 Converter = Callable[[dict, dict[str, torch.Tensor]], tuple[dict, dict[str, torch.Tensor]]]
 # A callable, or "module:function" imported on first use (keeps this module free of family imports).
-HF_CONVERTERS: dict[str, Converter | str] = {"bert": "fmlab.models.bert:from_hf_bert"}
+HF_CONVERTERS: dict[str, Converter | str] = {
+    "bert": "fmlab.interop.hf_bert:from_hf",
+    "gpt2": "fmlab.interop.hf_gpt2:from_hf",
+    "vit": "fmlab.interop.hf_vit:from_hf",
+}
 CHECKPOINT_ADAPTERS: dict[str, Converter | str] = {}
+# `pretrained=` that is no local path but looks like `name` or `owner/name`: a Hugging Face Hub repository.
+HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+HUB_FILES = ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "preprocessor_config.json"]
 # What fine-tuning may change without changing the architecture.
 REGULARISATION_FIELDS = ("dropout", "attn_dropout", "drop_path")
 # What the data may change: the image resolution (a ViT interpolates its position table, see `resizable_keys`).
@@ -173,14 +183,34 @@ def from_hf_folder(folder: Path, source: str) -> Pretrained:
         state = torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
     else:
         raise PretrainedError(f"pretrained={source}: {folder} has no model.safetensors or pytorch_model.bin")
-    model_cfg, state = _converter(HF_CONVERTERS[model_type])(hf_config, state)
+    try:
+        model_cfg, state = _converter(HF_CONVERTERS[model_type])(hf_config, state)
+    except ValueError as err:
+        raise PretrainedError(f"pretrained={source}: {err}") from err
     tok_file = folder / "tokenizer.json"
     return Pretrained(source, model_cfg, state, tok_file.read_text() if tok_file.is_file() else None)
 
 
+def download_from_hub(repo_id: str) -> Path:
+    """A Hugging Face Hub name -> the local folder huggingface_hub downloads it to (cached: once per version)."""
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES, local_files_only=offline))
+    except Exception as err:  # not installed, offline, unknown repository, no network: one answer
+        raise PretrainedError(
+            f"pretrained={repo_id}: no such local path, and as a Hugging Face Hub name it could not be downloaded "
+            f"({type(err).__name__}{', HF_HUB_OFFLINE is set' if offline else ''}). Offline, a local folder is "
+            f"needed: config.json, model.safetensors and tokenizer.json, e.g. from `hf download {repo_id} "
+            "--local-dir <folder>` on a machine with a network"
+        ) from err
+
+
 def load_pretrained(source: str) -> Pretrained:
     """`pretrained=` -> backbone config, weights and tokenizer. Accepts a `.ckpt`, an fmlab run folder,
-    a Hugging Face model folder, or `pkg://<package>/<folder>` for a model shipped in a Python package."""
+    a Hugging Face model folder, `pkg://<package>/<folder>` for a model shipped in a Python package, or a
+    Hugging Face Hub name (`gpt2`, `google/vit-base-patch16-224`) when the machine is online."""
     path = resolve_path(source)
     if path.is_file():
         return from_checkpoint(path, source)
@@ -188,6 +218,8 @@ def load_pretrained(source: str) -> Pretrained:
         return from_hf_folder(path, source)
     if path.is_dir() and (path / "checkpoints").is_dir():
         return from_checkpoint(find_checkpoint(path), source)
+    if not path.exists() and HUB_NAME.fullmatch(source):
+        return from_hf_folder(download_from_hub(source), source)
     raise PretrainedError(
         f"pretrained={source}: not a checkpoint, an fmlab run folder or a Hugging Face model folder (config.json)"
     )

@@ -1,0 +1,158 @@
+"""The run behind export.py: write a checkpoint of any fmlab task as a Hugging Face folder that `from_pretrained`
+reads: config.json, model.safetensors (nothing pickled), tokenizer files (text) or preprocessor_config.json
+(images), label names from the fine-tune run. LoRA adapters are merged first. A model without an exact Hugging
+Face twin is refused with the option at fault (fmlab.interop.common.ExportError).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+from safetensors.torch import save_file
+from tokenizers import Tokenizer
+from torch import nn
+
+from fmlab.evaluation import load_task, read_checkpoint
+from fmlab.interop.common import Classifier, ExportError
+from fmlab.models.heads import ClassificationHead
+from fmlab.models.lora import merge_lora
+from fmlab.runtime import rank_zero_print
+
+log = logging.getLogger(__name__)
+
+# Our model config `_target_` -> the module that maps that family to Hugging Face.
+FAMILIES = {
+    "fmlab.models.gpt.GPTConfig": "fmlab.interop.hf_gpt2",
+    "fmlab.models.bert.BertConfig": "fmlab.interop.hf_bert",
+    "fmlab.models.vit.ViTConfig": "fmlab.interop.hf_vit",
+}
+# Hugging Face special-token roles and the tokens that fill them in our tokenizers and in BERT's.
+SPECIAL_TOKENS = {
+    "pad_token": ("<pad>", "[PAD]"),
+    "unk_token": ("[UNK]", "<unk>"),
+    "cls_token": ("[CLS]", "<cls>"),
+    "sep_token": ("[SEP]", "<sep>"),
+    "mask_token": ("[MASK]", "<mask>"),
+    "eos_token": ("<|endoftext|>",),
+    "bos_token": ("<|endoftext|>",),
+}
+
+
+def classifier_of(task: nn.Module) -> Classifier | None:
+    """The fine-tuned head of a classification task, or None for a pre-training task."""
+    head = getattr(task, "head", None)
+    if not isinstance(head, ClassificationHead):
+        return None
+    norm = {nn.Identity: False, nn.LayerNorm: True, nn.BatchNorm1d: "batchnorm"}.get(type(head.norm), True)
+    linear = head.classifier
+    return Classifier(head.pooling, norm, linear.weight.detach(), linear.bias.detach())
+
+
+def tokenizer_files(tokenizer_json: str, family: str, max_length: int) -> tuple[dict[str, str], dict[str, int]]:
+    """(file name -> text) for the tokenizer, and the special-token ids for config.json."""
+    tok = Tokenizer.from_str(tokenizer_json)
+    roles = {}
+    for role, candidates in SPECIAL_TOKENS.items():
+        found = next((t for t in candidates if tok.token_to_id(t) is not None), None)
+        if found is not None:
+            roles[role] = found
+    config: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_length, **roles}
+    if family == "gpt2":  # GPT-2 would add wte[token_type_ids] to every position: never pass them
+        config["model_input_names"] = ["input_ids", "attention_mask"]
+    ids = {f"{role}_id": tok.token_to_id(roles[role]) for role in ("pad_token", "bos_token", "eos_token")
+           if role in roles}
+    files = {
+        "tokenizer.json": tokenizer_json,
+        "tokenizer_config.json": json.dumps(config, indent=2),
+        "special_tokens_map.json": json.dumps(roles, indent=2),
+    }
+    return files, ids
+
+
+def image_processor(extra: dict, model: nn.Module) -> str:
+    """preprocessor_config.json for ViTImageProcessor: resize, scale to [0, 1], normalise with the run's stats."""
+    cfg = model.config
+    h, w = (cfg.img_size, cfg.img_size) if isinstance(cfg.img_size, int) else cfg.img_size
+    norm = extra.get("normalization") or {}
+    return json.dumps({
+        "image_processor_type": "ViTImageProcessor",
+        "do_resize": True,
+        "size": {"height": h, "width": w},
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": bool(norm),
+        "image_mean": norm.get("mean", [0.5] * cfg.in_chans),
+        "image_std": norm.get("std", [0.5] * cfg.in_chans),
+    }, indent=2)
+
+
+def export_task(task: nn.Module, out_dir: str | Path) -> list[str]:
+    """Write `task` (a fmlab task with `hparams.model` and `extra_state`; its LoRA adapters are merged in place)
+    to `out_dir`; returns notes on what the export leaves out. Raises ExportError, before writing anything, where
+    there is no exact twin."""
+    target = task.hparams["model"]["_target_"]
+    if target not in FAMILIES:
+        raise ExportError(f"model._target_={target} has no Hugging Face export; supported: {sorted(FAMILIES)}")
+    family = importlib.import_module(FAMILIES[target])
+    task = task.eval()
+    merge_lora(task.model)
+    head = classifier_of(task)
+    hf_config, state = family.to_hf(task.model, head)
+    notes = list(family.notes(task.model)) if hasattr(family, "notes") else []
+    if getattr(task, "decoder", None) is not None:
+        notes.append("the MAE decoder is not exported: the folder is the encoder only (ViTModel)")
+    if hf_config["architectures"] == ["ViTModel"]:
+        notes.append("ViTModel has a pooler this export has no weights for: load with add_pooling_layer=False")
+    extra = dict(getattr(task, "extra_state", {}) or {})
+    if head is not None:
+        regression = head.weight.shape[0] == 1  # the classification task regresses with one output
+        names = task.label_names() if hasattr(task, "label_names") else [str(i) for i in range(head.weight.shape[0])]
+        hf_config["problem_type"] = "regression" if regression else "single_label_classification"
+        hf_config["id2label"] = {str(i): name for i, name in enumerate(names)}
+        hf_config["label2id"] = {name: i for i, name in enumerate(names)}
+    files: dict[str, str] = {}
+    if extra.get("tokenizer"):
+        max_length = getattr(task.model.config, "block_size", 512)
+        files, ids = tokenizer_files(extra["tokenizer"], family.MODEL_TYPE, max_length)
+        hf_config.update(ids)
+    if head is not None and family.MODEL_TYPE == "gpt2" and hf_config.get("pad_token_id") is None:
+        notes.append("the tokenizer has no pad token: GPT2ForSequenceClassification classifies unpadded batches only")
+    if family.MODEL_TYPE == "vit":
+        files["preprocessor_config.json"] = image_processor(extra, task.model)
+    files["config.json"] = json.dumps(hf_config, indent=2)
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(
+        {k: v.detach().to("cpu").clone().contiguous() for k, v in state.items()},
+        str(out / "model.safetensors"), metadata={"format": "pt"},
+    )
+    for name, text in files.items():
+        (out / name).write_text(text)
+    log.info("Exported %s to %s", hf_config["architectures"][0], out)
+    return notes
+
+
+def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path) -> list[str]:
+    """Rebuild the task saved in `ckpt_path` (weights_only) and export it."""
+    checkpoint = read_checkpoint(ckpt_path)
+    task = load_task(ckpt_path, checkpoint)
+    return export_task(task, out_dir)
+
+
+def export(cfg: DictConfig) -> Path:
+    """export.py: `cfg.ckpt_path` -> `cfg.out_dir` (default: `hf/` in the checkpoint's run folder)."""
+    ckpt = Path(cfg.ckpt_path)
+    out = Path(cfg.out_dir) if cfg.get("out_dir") else ckpt.resolve().parent.parent / "hf"
+    notes = export_checkpoint(ckpt, out)
+    architecture = json.loads((out / "config.json").read_text())["architectures"][0]
+    rank_zero_print(f"Exported {ckpt} as {architecture} to {out}")
+    for note in notes:
+        rank_zero_print(f"Note: {note}")
+    return out
+

