@@ -84,7 +84,7 @@ def main() -> None:
         cache = str(Path(tmp) / "cache")
         result["loader_tokens_per_s"] = loader_speed(200, 16, 256, cache)
         step_tps = args.step_tokens_per_s
-        bench = OUT / "gpt-bf16-mixed.json"
+        bench = OUT / "gpt-bf16-mixed-t2.json"
         if step_tps is None and bench.is_file():
             step_tps = json.loads(bench.read_text())["results"]["fmlab"]["tokens_per_s"]
         if step_tps:

@@ -260,7 +260,7 @@ def main() -> None:
         "torch": torch.__version__, "setup_s": time.perf_counter() - made, "results": rows,
     }
     OUT.mkdir(parents=True, exist_ok=True)
-    tag = f"{'tiny' if args.tiny else 'gpt'}-{args.precision}"
+    tag = f"{'tiny' if args.tiny else 'gpt'}-{args.precision}-t{args.threads}"
     (OUT / f"{tag}.json").write_text(json.dumps(result, indent=2))
     lines = [
         f"GPT {shape}, batch {args.batch_size}, {args.precision}, {args.threads} threads, "

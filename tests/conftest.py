@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import random
 from collections.abc import Callable
 from pathlib import Path
@@ -50,6 +51,17 @@ def make_config(tmp_path: Path) -> Callable[..., DictConfig]:
         return compose_config([f"paths.cache_dir={tmp_path / 'cache'}", *overrides], tmp_path / run)
 
     return make
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """Rows of a run's CSV log."""
+    with open(run_dir / "csv" / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def values(rows: list[dict], key: str) -> list[float]:
+    """The logged values of one metric, in order."""
+    return [float(r[key]) for r in rows if r.get(key)]
 
 
 WORDS = (

@@ -141,3 +141,14 @@ def test_too_short_split_names_block_size(tmp_path: Path) -> None:
     dm.prepare_data()
     with pytest.raises(DataError, match="block_size"):
         dm.setup()
+
+
+def test_failed_tokenization_leaves_no_cache(corpus_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("fmlab.data.text_corpus.write_tokens", crash)
+    dm = make_dm(corpus_dir, tmp_path / "cache")
+    with pytest.raises(KeyboardInterrupt):
+        dm.prepare_data()
+    assert list((tmp_path / "cache").iterdir()) == [], "no half-written cache, no scratch folder"

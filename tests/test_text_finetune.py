@@ -3,7 +3,6 @@ fine-tuning, tokenizer/checkpoint mismatches, and the real MiniLM beating the ma
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
@@ -15,19 +14,10 @@ from fmlab.data.tokenizer import train_bpe
 from fmlab.tasks.classification import ClassificationTask
 from fmlab.tasks.pretrained import PretrainedError, load_pretrained
 from fmlab.training import build_datamodule, build_task, train
-from tests.conftest import TINY_GPT, compose_config, write_corpus
+from tests.conftest import TINY_GPT, compose_config, read_metrics, values, write_corpus
 from tests.labeled_data import write_csv, write_labeled_csv
 
 TINY_BERT = ["model=bert", *TINY_GPT]
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    with open(run_dir / "csv" / "metrics.csv") as f:
-        return list(csv.DictReader(f))
-
-
-def values(rows: list[dict], key: str) -> list[float]:
-    return [float(r[key]) for r in rows if r.get(key)]
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import pytest
@@ -11,16 +10,7 @@ import torch
 from fmlab.tasks.base import param_groups, warmup_cosine
 from fmlab.tasks.causal_lm import CausalLMTask
 from fmlab.training import train
-from tests.conftest import TINY_GPT, compose_config, write_corpus
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    with open(run_dir / "csv" / "metrics.csv") as f:
-        return list(csv.DictReader(f))
-
-
-def values(rows: list[dict], key: str) -> list[float]:
-    return [float(r[key]) for r in rows if r.get(key)]
+from tests.conftest import TINY_GPT, compose_config, read_metrics, values, write_corpus
 
 
 @pytest.fixture(scope="module")

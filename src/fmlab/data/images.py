@@ -6,12 +6,9 @@ one tensor index, the configured torchvision v2 augmentations, and a vectorised 
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import json
 import logging
-import os
-import shutil
 from functools import lru_cache
 from pathlib import Path
 
@@ -23,6 +20,7 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
+from fmlab.data.cache import cache_key, publish
 from fmlab.data.image_sources import (
     ImageSplits,
     fashion_mnist_fingerprint,
@@ -168,7 +166,7 @@ class ImageDataModule(L.LightningDataModule):
         else:  # folders are decoded at the model's size and channel count
             spec = {"files": source_fingerprint(self.source), "channels": self.channels, "size": self.img_size}
         spec.update(version=CACHE_VERSION, skip_bad_files=self.skip_bad_files)
-        key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+        key = cache_key(spec)
         name = self.source if self.is_preset else Path(self.source).name
         return self.cache_root / f"images-{name}-{key}"
 
@@ -185,22 +183,16 @@ class ImageDataModule(L.LightningDataModule):
             return
         log.info("Decoding %s into %s", self.source, final)
         decoded = self.read_source()
-        tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
-        tmp.mkdir(parents=True, exist_ok=True)
-        for split, (images, labels) in decoded.splits.items():
-            np.save(tmp / f"{split}_images.npy", images.numpy())
-            np.save(tmp / f"{split}_labels.npy", labels.numpy())
         meta = {
             "source": self.source,
             "splits": sorted(decoded.splits),
             "sizes": {s: len(v[1]) for s, v in decoded.splits.items()},
             "label_names": decoded.label_names,
         }
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-        try:
-            os.replace(tmp, final)
-        except OSError:  # another process finished first; its cache is identical
-            shutil.rmtree(tmp, ignore_errors=True)
+        with publish(final, meta) as tmp:
+            for split, (images, labels) in decoded.splits.items():
+                np.save(tmp / f"{split}_images.npy", images.numpy())
+                np.save(tmp / f"{split}_labels.npy", labels.numpy())
 
     # ---- splits ---------------------------------------------------------------------------------------------
 

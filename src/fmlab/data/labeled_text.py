@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
-import shutil
 from pathlib import Path
 
 import lightning as L
@@ -16,6 +13,7 @@ from tokenizers import Tokenizer
 from tokenizers.processors import TemplateProcessing
 from torch.utils.data import DataLoader, Dataset
 
+from fmlab.data.cache import cache_key, publish
 from fmlab.data.resumable import resumable_loader
 from fmlab.data.sampling import few_label_indices, stratified_split
 from fmlab.data.sources import (
@@ -219,8 +217,7 @@ class LabeledTextDataModule(L.LightningDataModule):
             "regression": self.regression,
             "split": [self.val_fraction, self.test_fraction, self.seed],
         }
-        key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
-        return self.cache_root / f"labeled-{key}"
+        return self.cache_root / f"labeled-{cache_key(spec)}"
 
     def clean(self, records: list[dict], split: str) -> list[dict]:
         """Drop rows with empty text or no label, with a warning that counts them."""
@@ -323,11 +320,6 @@ class LabeledTextDataModule(L.LightningDataModule):
         parts = self.split({s: self.clean(r, s) for s, r in parts.items()})
         labels, names = self.encode_labels(parts)
         tok = self.load_or_train_tokenizer(parts["train"])
-        tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
-        tmp.mkdir(parents=True, exist_ok=True)
-        tok.save(str(tmp / "tokenizer.json"))
-        for s in SPLITS:
-            np.savez(tmp / f"{s}.npz", labels=labels[s], **self.encode(tok, parts[s]))
         meta = {
             "source": self.source,
             "labels": names,
@@ -335,11 +327,10 @@ class LabeledTextDataModule(L.LightningDataModule):
             "examples": {s: len(parts[s]) for s in SPLITS},
             "vocab_size": tok.get_vocab_size(),
         }
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-        try:
-            os.replace(tmp, final)  # atomic: readers see a whole cache or none
-        except OSError:  # another process finished first; its cache is identical
-            shutil.rmtree(tmp, ignore_errors=True)
+        with publish(final, meta) as tmp:
+            tok.save(str(tmp / "tokenizer.json"))
+            for s in SPLITS:
+                np.savez(tmp / f"{s}.npz", labels=labels[s], **self.encode(tok, parts[s]))
         log.info("Labeled data: %s examples, labels %s", meta["examples"], names)
 
     def setup(self, stage: str | None = None) -> None:

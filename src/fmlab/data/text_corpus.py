@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
-import shutil
 from itertools import chain
 from pathlib import Path
 
@@ -16,6 +13,7 @@ import torch
 from tokenizers import Tokenizer
 from torch.utils.data import DataLoader, Dataset
 
+from fmlab.data.cache import cache_key, publish
 from fmlab.data.resumable import resumable_loader
 from fmlab.data.sources import DataError, read_texts, source_fingerprint
 from fmlab.data.tokenizer import EOS, load_tokenizer, token_id, tokenizer_fingerprint, train_bpe
@@ -95,8 +93,7 @@ class TextCorpusDataModule(L.LightningDataModule):
             "val_fraction": self.val_fraction,
             "seed": self.seed,
         }
-        key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
-        return self.cache_root / f"corpus-{key}"
+        return self.cache_root / f"corpus-{cache_key(spec)}"
 
     def prepare_data(self) -> None:
         """Tokenize the corpus into the cache unless an identical cache exists."""
@@ -112,24 +109,18 @@ class TextCorpusDataModule(L.LightningDataModule):
             tok = load_tokenizer(self.tokenizer_path)
         else:
             tok = train_bpe(train_texts, self.vocab_size_wanted)
-        tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
-        tmp.mkdir(parents=True, exist_ok=True)
-        tok.save(str(tmp / "tokenizer.json"))
         meta = {
             "source": self.source,
             "documents": {"train": len(train_idx), "val": len(val_idx)},
-            "tokens": {
-                "train": write_tokens(tok, train_texts, tmp / "train.bin"),
-                "val": write_tokens(tok, [texts[i] for i in val_idx], tmp / "val.bin"),
-            },
             "dtype": "uint16" if tok.get_vocab_size() <= 65536 else "uint32",
             "vocab_size": tok.get_vocab_size(),
         }
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-        try:
-            os.replace(tmp, final)  # atomic: readers see a whole cache or none
-        except OSError:  # another process finished first; its cache is identical
-            shutil.rmtree(tmp, ignore_errors=True)
+        with publish(final, meta) as tmp:
+            tok.save(str(tmp / "tokenizer.json"))
+            meta["tokens"] = {
+                "train": write_tokens(tok, train_texts, tmp / "train.bin"),
+                "val": write_tokens(tok, [texts[i] for i in val_idx], tmp / "val.bin"),
+            }
         log.info("Token cache: %s train / %s val tokens", meta["tokens"]["train"], meta["tokens"]["val"])
 
     def setup(self, stage: str | None = None) -> None:
