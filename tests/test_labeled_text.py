@@ -122,3 +122,21 @@ def test_bbc_news_preset_gives_five_topics(make_config) -> None:
     assert dm.meta["labels"] == ["business", "entertainment", "politics", "sports", "tech"]
     assert sum(dm.meta["examples"].values()) == 2127
     assert dm.model_overrides() == {"vocab_size": 30522}
+
+
+def test_label_seed_redraws_few_labels_but_keeps_the_split(tmp_path: Path) -> None:
+    from fmlab.data.labeled_text import LabeledTextDataModule
+
+    def train_and_test(label_seed: int) -> tuple[set, set]:
+        dm = LabeledTextDataModule(source="bbc_news", label_fraction=0.02, label_seed=label_seed, max_length=16,
+                                   vocab_size=300, cache_dir=str(tmp_path))
+        dm.prepare_data()
+        dm.setup()
+        train = {tuple(dm.datasets["train"][i]["input_ids"].tolist()) for i in range(len(dm.datasets["train"]))}
+        test = {tuple(dm.datasets["test"][i]["input_ids"].tolist()) for i in range(len(dm.datasets["test"]))}
+        return train, test
+
+    train_a, test_a = train_and_test(0)
+    train_b, test_b = train_and_test(1)
+    assert test_a == test_b
+    assert train_a != train_b and len(train_a) == len(train_b)

@@ -184,6 +184,7 @@ class LabeledTextDataModule(L.LightningDataModule):
         label_fraction: float | None = None,
         labels_per_class: int | None = None,
         seed: int = 1234,
+        label_seed: int | None = None,
         batch_size: int = 16,
         num_workers: int = 0,
         cache_dir: str = "~/.cache/fmlab",
@@ -195,6 +196,8 @@ class LabeledTextDataModule(L.LightningDataModule):
         self.template, self.pair_template, self.regression = template, pair_template, regression
         self.val_fraction, self.test_fraction, self.seed = val_fraction, test_fraction, seed
         self.label_fraction, self.labels_per_class = label_fraction, labels_per_class
+        # Few-label draws can vary while the train/val/test split (seed) stays fixed, as in a multi-seed study.
+        self.label_seed = seed if label_seed is None else label_seed
         self.batch_size, self.num_workers = batch_size, num_workers
         self.cache_root = Path(cache_dir).expanduser()
         self.tokenizer: Tokenizer | None = None
@@ -346,7 +349,7 @@ class LabeledTextDataModule(L.LightningDataModule):
         if self.meta["regression"] and self.labels_per_class is not None:
             raise DataError("data.labels_per_class needs class labels; use data.label_fraction for regression")
         strata = np.zeros(len(train_labels)) if self.meta["regression"] else train_labels
-        keep = few_label_indices(strata, self.label_fraction, self.labels_per_class, self.seed)
+        keep = few_label_indices(strata, self.label_fraction, self.labels_per_class, self.label_seed)
         self.datasets = {
             "train": TokenizedExamples(arrays["train"], keep),
             "val": TokenizedExamples(arrays["val"]),

@@ -1,0 +1,90 @@
+"""What the label-efficiency experiments share: run train.py, keep results, draw the table and the plot."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+
+
+def train(runs: Path, name: str, overrides: list[str]) -> Path:
+    """Run train.py into <runs>/<name>; returns the run folder."""
+    run_dir = runs / name
+    cmd = [sys.executable, str(ROOT / "train.py"), *overrides, "logger=csv", f"hydra.run.dir={run_dir}"]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+    print(f"{name}: {time.perf_counter() - start:.0f} s", flush=True)
+    return run_dir
+
+
+def report(results: dict, arms: list[str], stem: str, title: str, xlabel: str) -> None:
+    """Markdown table (mean ± std over seeds) and an accuracy-vs-labels plot of whatever has finished."""
+    rows: dict[tuple[str, float], list[dict]] = {}
+    for run in results["runs"].values():
+        rows.setdefault((run["arm"], run["fraction"]), []).append(run)
+    fractions = sorted({f for _, f in rows})
+    lines = ["| labels | " + " | ".join(f"{arm}: acc / F1" for arm in arms) + " |", "|---|" + "---|" * len(arms)]
+    for f in fractions:
+        cells = []
+        for arm in arms:
+            runs = rows.get((arm, f), [])
+            acc = np.array([r["test/acc"] for r in runs]) * 100
+            f1 = np.array([r["test/f1"] for r in runs]) * 100
+            cells.append(f"{acc.mean():.1f} ± {acc.std():.1f} / {f1.mean():.1f} (n={len(runs)})" if runs else "–")
+        lines.append(f"| {f:.0%} | " + " | ".join(cells) + " |")
+    (HERE / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines), flush=True)
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for arm in arms:
+        xs = [f for f in fractions if rows.get((arm, f))]
+        if xs:
+            accs = [np.array([r["test/acc"] for r in rows[(arm, f)]]) * 100 for f in xs]
+            ax.errorbar(xs, [a.mean() for a in accs], yerr=[a.std() for a in accs], marker="o", capsize=3, label=arm)
+    ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(HERE / f"{stem}.png", dpi=120)
+    plt.close(fig)
+
+
+def sweep(
+    results_path: Path, runs: Path, arms: list[str], fractions: list[float], seeds: list[int],
+    overrides: Callable[[str, float, int], list[str]], on_result: Callable[[dict], None],
+) -> None:
+    """Fine-tune every arm x fraction x seed not yet in `results_path`, saving after each run."""
+    results = json.loads(results_path.read_text()) if results_path.is_file() else {"runs": {}}
+    for fraction in fractions:
+        for seed in seeds:
+            for arm in arms:
+                name = f"{arm}-f{fraction:g}-s{seed}"
+                if name in results["runs"]:
+                    continue
+                start = time.perf_counter()
+                run_dir = train(runs, name, overrides(arm, fraction, seed))
+                metrics = json.loads((run_dir / "test_metrics.json").read_text())["metrics"]
+                results["runs"][name] = {
+                    "arm": arm, "fraction": fraction, "seed": seed, "seconds": round(time.perf_counter() - start),
+                    "test/acc": metrics["test/acc"], "test/f1": metrics["test/f1"],
+                }
+                results_path.write_text(json.dumps(results, indent=2))
+                on_result(results)
