@@ -69,3 +69,22 @@ def test_pretraining_loss_falls_and_writes_reconstructions(make_config, tmp_path
 
     with Image.open(pngs[-1]) as grid:  # 3 rows (original, masked, reconstruction) of 4 images of 28 pixels
         assert grid.size == (4 * 29 + 1, 3 * 29 + 1)
+
+
+def test_reconstructions_reach_tensorboard_and_wandb(make_config, tmp_path: Path, monkeypatch) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    images = write_image_folder(tmp_path / "images", n_per_class=16)
+    cfg = make_config([
+        "model=vit", "stage=pretrain", "data=image_folder", f"data.source={images}", *TINY_VIT, *TINY_MAE,
+        "trainer.max_steps=4", "trainer.val_check_interval=4", "data.augment=null", "logger=[tensorboard,wandb]",
+    ])
+    train(cfg)
+    run = tmp_path / "run"
+    events = EventAccumulator(str(run / "tensorboard"), size_guidance={"images": 0})
+    events.Reload()
+    assert "val/reconstruction" in events.Tags()["images"]
+    wandb_images = list((run / "wandb").glob("offline-run-*/files/media/images/val/reconstruction_*.png"))
+    assert wandb_images, "the grid is in the offline W&B run"
