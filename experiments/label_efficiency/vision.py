@@ -4,7 +4,7 @@
 
 1. MAE pre-trains the default small ViT on the training images, labels unused (`--pretrain-steps`).
 2. For each label fraction and seed, the same fine-tuning budget (`--finetune-steps`): full fine-tuning from the MAE
-   encoder, the same ViT from random weights, and MAE's linear probe (frozen encoder).
+   encoder, the same ViT from random weights (with and without layer-wise lr decay), and MAE's linear probe.
 3. Test accuracy and macro F1 on the official 10,000 test images go to results_vision.json (after every run; a rerun
    skips what is done), vision.md and vision.png. Run folders: outputs/experiments/vision/.
 
@@ -20,7 +20,9 @@ from common import HERE, ROOT, report, sweep, train
 
 RUNS = ROOT / "outputs" / "experiments" / "vision"
 RESULTS = HERE / "results_vision.json"
-ARMS = ["mae_finetune", "scratch", "mae_linear_probe"]
+# scratch uses the fine-tuning recipe as is (layer-wise lr decay 0.75); scratch_flat_lr trains all layers at one lr,
+# the fairer from-scratch baseline.
+ARMS = ["mae_finetune", "scratch", "scratch_flat_lr", "mae_linear_probe"]
 
 
 def main() -> None:
@@ -51,8 +53,10 @@ def main() -> None:
                f"trainer.val_check_interval={max(1, args.finetune_steps // 3)}", *args.extra]
         if fraction < 1:
             out.append(f"data.label_fraction={fraction}")
-        if arm != "scratch":
+        if arm.startswith("mae"):
             out.append(f"pretrained={pretrained}")
+        if arm == "scratch_flat_lr":
+            out.append("task.layer_decay=null")
         return out
 
     sweep(RESULTS, RUNS, ARMS, args.fractions, args.seeds, overrides, show)
