@@ -13,14 +13,7 @@ from fmlab.tasks.mae import MAETask, patchify, random_masking, unpatchify
 from fmlab.training import train
 from tests.image_data import TINY_MAE, TINY_VIT, write_image_folder
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: tiny models gain nothing from more, and lose much when the cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize(("n", "ratio"), [(49, 0.75), (16, 0.5), (64, 0.9)])
