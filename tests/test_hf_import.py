@@ -163,3 +163,11 @@ def test_gpt2_folder_continues_pretraining(tmp_path: Path, corpus_dir: Path) -> 
     assert torch.equal(task.model.wte.weight, hf.transformer.wte.weight)
     train(cfg)
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_hub_name_tokenizer_offline_asks_for_a_local_folder(monkeypatch) -> None:
+    from fmlab.data.tokenizer import load_tokenizer
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(PretrainedError, match="a local folder is needed"):
+        load_tokenizer("some-org/some-model-that-is-not-here")

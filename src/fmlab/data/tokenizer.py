@@ -34,6 +34,11 @@ def load_tokenizer(path: str) -> Tokenizer:
     """A `tokenizer.json` file, a folder that holds one (an fmlab run or a Hugging Face model folder),
     an fmlab checkpoint (`.ckpt`, which carries its tokenizer), or `pkg://<package>/<folder>`."""
     file = resolve_path(path)
+    if not file.exists():
+        from fmlab.tasks.pretrained import HUB_NAME, download_from_hub  # lazy: only for Hub names
+
+        if HUB_NAME.fullmatch(str(path)):  # the tokenizer of pretrained=<Hub name>, from the same cached download
+            file = download_from_hub(str(path))
     if file.suffix == ".ckpt" and file.is_file():
         import torch
 
@@ -58,7 +63,7 @@ def tokenizer_fingerprint(path: str) -> str:
         stat = file.stat()
         return hashlib.sha256(f"{file.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
     file = file / "tokenizer.json" if file.is_dir() else file
-    return hashlib.sha256(file.read_bytes()).hexdigest()[:16] if file.is_file() else "missing"
+    return hashlib.sha256(file.read_bytes()).hexdigest()[:16] if file.is_file() else f"name:{path}"
 
 
 def special_token_ids(tok: Tokenizer) -> list[int]:
