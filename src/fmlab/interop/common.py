@@ -141,6 +141,20 @@ class Classifier:
             )
 
 
+def encoder_fields(cfg, family: str) -> dict:
+    """The config.json fields that Hugging Face BERT and ViT name alike, from our transformer config."""
+    require(cfg.activation in OUR_TO_HF_ACTIVATION, f"model.activation={cfg.activation} has no {family} equivalent")
+    return {
+        "hidden_size": cfg.n_embd,
+        "num_hidden_layers": cfg.n_layer,
+        "num_attention_heads": cfg.n_head,
+        "intermediate_size": cfg.mlp_width,
+        "hidden_act": OUR_TO_HF_ACTIVATION[cfg.activation],
+        "hidden_dropout_prob": cfg.dropout,
+        "attention_probs_dropout_prob": cfg.attn_dropout,
+    }
+
+
 def require(ok: bool, message: str) -> None:
     if not ok:
         raise ExportError(message)

@@ -13,7 +13,7 @@ import logging
 import torch
 from torch import nn
 
-from fmlab.interop.common import OUR_TO_HF_ACTIVATION, Classifier, KeyMap, hf_activation, require, with_zero_biases
+from fmlab.interop.common import Classifier, KeyMap, encoder_fields, hf_activation, require, with_zero_biases
 
 log = logging.getLogger(__name__)
 
@@ -86,18 +86,11 @@ def to_hf(model: nn.Module, head: Classifier | None) -> tuple[dict, dict[str, to
     BertForSequenceClassification)."""
     cfg = model.config
     require(not cfg.pre_norm, "model.pre_norm=true: Hugging Face BERT is post-LN only; a pre-LN BERT has no twin")
-    require(cfg.activation in OUR_TO_HF_ACTIVATION, f"model.activation={cfg.activation} has no BERT equivalent")
     hf_config = {
         "model_type": MODEL_TYPE,
         "architectures": ["BertForSequenceClassification" if head is not None else "BertForMaskedLM"],
         "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.n_embd,
-        "num_hidden_layers": cfg.n_layer,
-        "num_attention_heads": cfg.n_head,
-        "intermediate_size": cfg.mlp_width,
-        "hidden_act": OUR_TO_HF_ACTIVATION[cfg.activation],
-        "hidden_dropout_prob": cfg.dropout,
-        "attention_probs_dropout_prob": cfg.attn_dropout,
+        **encoder_fields(cfg, "BERT"),
         "max_position_embeddings": cfg.block_size,
         "type_vocab_size": cfg.type_vocab_size,
         "layer_norm_eps": cfg.norm_eps,

@@ -14,7 +14,7 @@ import re
 import torch
 from torch import nn
 
-from fmlab.interop.common import OUR_TO_HF_ACTIVATION, Classifier, KeyMap, hf_activation, require, with_zero_biases
+from fmlab.interop.common import Classifier, KeyMap, encoder_fields, hf_activation, require, with_zero_biases
 
 log = logging.getLogger(__name__)
 
@@ -95,18 +95,11 @@ def to_hf(model: nn.Module, head: Classifier | None) -> tuple[dict, dict[str, to
     or of ViTForImageClassification)."""
     cfg = model.config
     require(cfg.pre_norm, "model.pre_norm=false: Hugging Face ViT is pre-LN only; a post-LN ViT has no twin")
-    require(cfg.activation in OUR_TO_HF_ACTIVATION, f"model.activation={cfg.activation} has no ViT equivalent")
     h, w = (cfg.img_size, cfg.img_size) if isinstance(cfg.img_size, int) else tuple(cfg.img_size)
     hf_config = {
         "model_type": MODEL_TYPE,
         "architectures": ["ViTForImageClassification" if head is not None else "ViTModel"],
-        "hidden_size": cfg.n_embd,
-        "num_hidden_layers": cfg.n_layer,
-        "num_attention_heads": cfg.n_head,
-        "intermediate_size": cfg.mlp_width,
-        "hidden_act": OUR_TO_HF_ACTIVATION[cfg.activation],
-        "hidden_dropout_prob": cfg.dropout,
-        "attention_probs_dropout_prob": cfg.attn_dropout,
+        **encoder_fields(cfg, "ViT"),
         "layer_norm_eps": cfg.norm_eps,
         "image_size": h if h == w else [h, w],
         "patch_size": cfg.patch_size,
