@@ -86,7 +86,7 @@ def main() -> None:
         step_tps = args.step_tokens_per_s
         bench = OUT / "gpt-bf16-mixed-t2.json"
         if step_tps is None and bench.is_file():
-            step_tps = json.loads(bench.read_text())["results"]["fmlab"]["tokens_per_s"]
+            step_tps = json.loads(bench.read_text())["results"]["fmlab"]["per_s"]
         if step_tps:
             result["step_tokens_per_s"] = step_tps
             result["loader_over_consumption"] = result["loader_tokens_per_s"] / step_tps

@@ -1,14 +1,23 @@
 """Training-step throughput of fmlab against a raw PyTorch loop and the Hugging Face Trainer.
 
-The competitors train the same GPT shape on the same memory-mapped BBC News tokens with the same optimizer,
-schedule, gradient clipping, seed and precision. They run interleaved in one process (A-B-C-A-B-C...) after a
-warm-up, so drift in machine load hits all of them alike. Per-step wall times come from the step boundaries
-each framework reports; the first steps of every chunk are dropped.
+Each workload is composed from conf/ exactly as `python train.py` composes it (model, task, optimizer, data), then
+trained three ways on the same data with the same initial weights, optimizer settings, schedule, gradient
+clipping and precision:
 
-    .venv/bin/python benchmarks/throughput.py --precision bf16-mixed --rounds 4 --steps 12
-    .venv/bin/python benchmarks/throughput.py --tiny      # micro model: framework overhead in ms/step
+- fmlab: the task under a Lightning Trainer with the default callbacks and a CSV logger;
+- raw loop: the identical model and loss in a hand-written loop (the floor fmlab is measured against);
+- HF Trainer: `transformers.Trainer` on the same shape (`GPT2LMHeadModel`, `BertForMaskedLM`); none for MAE.
 
-Writes a JSON and a Markdown table to experiments/benchmarks/.
+They run interleaved in one process (A-B-C-A-B-C...) after a warm-up chunk, so drift in machine load hits all of
+them alike. Per-step wall times come from the step boundaries each framework reports; the first steps of every
+chunk are left out.
+
+    .venv/bin/python benchmarks/throughput.py --workload gpt --precision bf16-mixed
+    .venv/bin/python benchmarks/throughput.py --workload bert --precision 32 --threads 1
+    .venv/bin/python benchmarks/throughput.py --workload mae
+    .venv/bin/python benchmarks/throughput.py --workload tiny   # micro GPT: fmlab's own overhead in ms/step
+
+Writes experiments/benchmarks/<workload>-<precision>-t<threads>.{json,md}.
 """
 
 from __future__ import annotations
@@ -18,35 +27,127 @@ import contextlib
 import json
 import os
 import platform
+import shutil
+import tempfile
 import time
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
+from omegaconf import DictConfig
+from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from fmlab.data.text_corpus import PackedWindows, TextCorpusDataModule
-from fmlab.models.gpt import GPTConfig
-from fmlab.tasks.base import param_groups, warmup_cosine
-from fmlab.tasks.causal_lm import CausalLMTask
+from fmlab.config import compose_train_config
+from fmlab.tasks.base import param_groups, to_plain, warmup_cosine
+from fmlab.tasks.masked_lm import mask_tokens
+from fmlab.training import build_datamodule, build_task
 
-OUT = Path(__file__).resolve().parents[1] / "experiments" / "benchmarks"
-SHAPES = {
-    "gpt": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, activation="gelu_tanh"),
-    "tiny": dict(n_layer=1, n_head=2, n_embd=32, block_size=32, activation="gelu_tanh"),
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "experiments" / "benchmarks"
+WORKDIR = Path(tempfile.gettempdir()) / "fmlab-bench"
+TOTAL_STEPS = 10_000  # the schedule's horizon: every chunk stays in its flat early part after warm-up
+
+
+@dataclass
+class Workload:
+    """A `train.py` command line (as overrides) and how the raw loop computes its loss."""
+
+    overrides: list[str]
+    raw_loss: Callable[[nn.Module, Any], torch.Tensor]
+    hf_model: Callable[[DictConfig, Any], tuple[nn.Module, Dataset, Any]] | None = None
+    unit: str = "tokens"
+    competitors: tuple[str, ...] = ("raw loop", "fmlab", "HF Trainer")
+
+
+def gpt_loss(task: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    return task.model(batch[:, :-1], batch[:, 1:])[1]
+
+
+def mlm_loss(task: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    t = task.tokens()  # mask id and special-token table of the run's tokenizer
+    ids = batch[:, : task.model.config.block_size]
+    inputs, targets = mask_tokens(ids, t["mask_id"], t["special"], task.model.config.vocab_size, task.mask_prob)
+    return task.model(inputs, targets)[1]
+
+
+def mae_loss(task: nn.Module, batch: dict) -> torch.Tensor:
+    return task(batch["pixel_values"])[0]  # the MAE task module is the model: ViT encoder + decoder
+
+
+class Windows(Dataset):
+    """Packed token windows as HF Trainer examples."""
+
+    def __init__(self, windows: Dataset, length: int, labels: bool) -> None:
+        self.windows, self.length, self.labels = windows, length, labels
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def __getitem__(self, i: int) -> dict:
+        x = self.windows[i][: self.length].long()
+        return {"input_ids": x, "labels": x} if self.labels else {"input_ids": x}
+
+
+def hf_gpt2(cfg: DictConfig, dm: Any) -> tuple[nn.Module, Dataset, Any]:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    m = cfg.model
+    config = GPT2Config(
+        vocab_size=dm.vocab_size, n_positions=m.block_size, n_embd=m.n_embd, n_layer=m.n_layer, n_head=m.n_head,
+        resid_pdrop=m.dropout, embd_pdrop=m.dropout, attn_pdrop=m.dropout, activation_function="gelu_new",
+    )
+    # GPT2LMHeadModel shifts the labels itself.
+    return GPT2LMHeadModel(config), Windows(dm.train_set, m.block_size, labels=True), None
+
+
+def hf_bert(cfg: DictConfig, dm: Any) -> tuple[nn.Module, Dataset, Any]:
+    from tokenizers import Tokenizer
+    from transformers import BertConfig, BertForMaskedLM, DataCollatorForLanguageModeling, PreTrainedTokenizerFast
+
+    m = cfg.model
+    config = BertConfig(
+        vocab_size=dm.vocab_size, hidden_size=m.n_embd, num_hidden_layers=m.n_layer, num_attention_heads=m.n_head,
+        intermediate_size=4 * m.n_embd, max_position_embeddings=m.block_size, type_vocab_size=m.type_vocab_size,
+        hidden_dropout_prob=m.dropout, attention_probs_dropout_prob=m.attn_dropout, layer_norm_eps=m.norm_eps,
+    )
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(dm.extra_state()["tokenizer"]), mask_token="<mask>", pad_token="<pad>",
+        cls_token="<cls>", sep_token="<sep>",
+    )
+    collator = DataCollatorForLanguageModeling(tok, mlm_probability=cfg.task.mask_prob)  # the 80/10/10 rule too
+    return BertForMaskedLM(config), Windows(dm.train_set, m.block_size, labels=False), collator
+
+
+GPT_SHAPE = ["model.n_layer=6", "model.n_head=6", "model.n_embd=384"]
+WORKLOADS = {
+    # nanoGPT-like: 6 layers, width 384, block 256; batch 8 x 256 tokens.
+    "gpt": Workload(["model=gpt", "stage=pretrain", *GPT_SHAPE, "model.block_size=256", "data.batch_size=8"],
+                    gpt_loss, hf_gpt2),
+    # BERT-style post-LN encoder of the same width and depth; batch 16 x 128 tokens, 15 % masked.
+    "bert": Workload(["model=bert", "stage=pretrain", *GPT_SHAPE, "model.block_size=128", "data.batch_size=16"],
+                     mlm_loss, hf_bert),
+    # The label-efficiency experiment's MAE: the default small ViT on Fashion-MNIST, batch 128.
+    "mae": Workload(["model=vit", "stage=pretrain"], mae_loss, unit="images", competitors=("raw loop", "fmlab")),
+    # Micro model: the step is almost all framework; fmlab with (default) and without callbacks and logger.
+    "tiny": Workload(
+        ["model=gpt", "stage=pretrain", "model.n_layer=1", "model.n_head=2", "model.n_embd=32", "model.block_size=32",
+         "data.batch_size=8"], gpt_loss, competitors=("raw loop", "fmlab (bare)", "fmlab"),
+    ),
 }
-LR, BETAS, WD, WARMUP, TOTAL = 6e-4, (0.9, 0.95), 0.1, 10, 10_000
 
 
 class StepTimer:
-    """Collects wall time between consecutive step ends."""
+    """Wall time between consecutive step ends."""
 
     def __init__(self) -> None:
         self.times: list[float] = []
-        self.last: float | None = None
-        self.first_step_at: float | None = None
+        self.last = 0.0
 
     def start(self) -> None:
         self.last = time.perf_counter()
@@ -68,28 +169,13 @@ class LightningTimer(L.Callback):
         self.timer.step()
 
 
-def autocast(precision: str):
-    if precision == "bf16-mixed":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 class Fmlab:
-    """fmlab's CausalLMTask under a Lightning Trainer, with or without the default callbacks and loggers."""
+    """The composed task under a Lightning Trainer, with or without the default callbacks and loggers."""
 
-    def __init__(self, shape: dict, dm: TextCorpusDataModule, precision: str, batch_size: int, extras: bool):
-        torch.manual_seed(0)
-        model_cfg = {"_target_": "fmlab.models.gpt.GPTConfig", "vocab_size": dm.vocab_size, **shape}
-        self.task = CausalLMTask(
-            model_cfg,
-            {"_target_": "torch.optim.AdamW", "lr": LR, "betas": list(BETAS), "weight_decay": WD},
-            {"warmup_steps": WARMUP, "min_lr_ratio": 0.1},
-        )
-        self.dm, self.precision, self.extras = dm, precision, extras
-        self.dm.batch_size = batch_size
+    def __init__(self, task: L.LightningModule, dm: Any, cfg: DictConfig, extras: bool) -> None:
+        self.task, self.dm, self.cfg, self.extras = task, dm, cfg, extras
+        self.name = "fmlab" if extras else "fmlab (bare)"
         self.timer = StepTimer()
-        self.name = "fmlab" + ("" if extras else " (bare)")
-        self.workdir = Path(os.environ.get("TMPDIR", "/tmp")) / "fmlab-bench"
 
     def run(self, steps: int) -> list[float]:
         self.timer.times = []
@@ -99,41 +185,57 @@ class Fmlab:
             from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
             from lightning.pytorch.loggers import CSVLogger
 
-            callbacks += [RichProgressBar(), ModelCheckpoint(dirpath=self.workdir / "ckpt", save_last=True)]
-            loggers = [CSVLogger(self.workdir, name="csv")]
+            shutil.rmtree(WORKDIR / "fmlab", ignore_errors=True)  # each chunk checkpoints; keep only the last
+            callbacks += [RichProgressBar(), ModelCheckpoint(dirpath=WORKDIR / "fmlab" / "ckpt", save_last=True)]
+            loggers = [CSVLogger(WORKDIR / "fmlab", name="csv")]
         trainer = L.Trainer(
-            accelerator="cpu", devices=1, precision=self.precision, max_steps=steps, limit_val_batches=0,
-            gradient_clip_val=1.0, callbacks=callbacks, logger=loggers, enable_checkpointing=self.extras,
-            enable_progress_bar=self.extras, enable_model_summary=False, num_sanity_val_steps=0,
+            accelerator="cpu", devices=1, precision=self.cfg.trainer.precision, max_steps=steps,
+            limit_val_batches=0, gradient_clip_val=self.cfg.trainer.gradient_clip_val, callbacks=callbacks,
+            logger=loggers, enable_checkpointing=self.extras, enable_progress_bar=self.extras,
+            enable_model_summary=False, num_sanity_val_steps=0,
         )
         trainer.fit(self.task, datamodule=self.dm)
         return self.timer.times
 
 
+def make_optimizer(cfg: DictConfig, module: nn.Module) -> tuple[torch.optim.Optimizer, Any]:
+    """The task's configured AdamW (same lr, betas, weight decay, fused or not) and warm-up + cosine schedule."""
+    opt_cfg = to_plain(cfg.task.optimizer)
+    opt_cfg.pop("_target_")
+    wd = opt_cfg.pop("weight_decay", 0.0)
+    opt = torch.optim.AdamW(param_groups(module, wd), **opt_cfg)
+    sched = cfg.task.scheduler
+    warmup = sched.get("warmup_steps") or max(1, int(sched.get("warmup_fraction", 0.0) * TOTAL_STEPS))
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(warmup, TOTAL_STEPS, sched.min_lr_ratio))
+
+
 class RawLoop:
-    """The same model and data in a hand-written loop: the floor fmlab is measured against."""
+    """The same model and loss in a hand-written loop over a plain shuffled DataLoader."""
 
     name = "raw loop"
 
-    def __init__(self, shape: dict, dm: TextCorpusDataModule, precision: str, batch_size: int):
-        torch.manual_seed(0)
-        self.model = GPTConfig(vocab_size=dm.vocab_size, **shape).build()
-        self.opt = torch.optim.AdamW(param_groups(self.model, WD), lr=LR, betas=BETAS)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, warmup_cosine(WARMUP, TOTAL, 0.1))
-        self.loader = DataLoader(dm.train_set, batch_size=batch_size, shuffle=True, drop_last=True)
-        self.precision = precision
+    def __init__(self, task: nn.Module, dm: Any, cfg: DictConfig, loss: Callable) -> None:
+        self.task, self.loss, self.cfg = task, loss, cfg
+        self.opt, self.sched = make_optimizer(cfg, task)
+        collate = dm.train_dataloader().collate_fn  # the data module's own batching (images: batched transforms)
+        self.loader = DataLoader(dm.train_set, batch_size=dm.batch_size, shuffle=True, drop_last=True,
+                                 collate_fn=collate)
 
     def run(self, steps: int) -> list[float]:
         timer = StepTimer()
+        autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if self.cfg.trainer.precision == "bf16-mixed"
+                    else contextlib.nullcontext())
+        clip = self.cfg.trainer.gradient_clip_val
         timer.start()
         batches = iter(self.loader)
-        self.model.train()
+        self.task.train()
         for _ in range(steps):
             batch = next(batches)
-            with autocast(self.precision):
-                _, loss = self.model(batch[:, :-1], batch[:, 1:])
+            with autocast:
+                loss = self.loss(self.task, batch)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+            if clip:
+                torch.nn.utils.clip_grad_norm_(self.task.parameters(), clip)
             self.opt.step()
             self.sched.step()
             self.opt.zero_grad(set_to_none=True)
@@ -141,34 +243,17 @@ class RawLoop:
         return timer.times
 
 
-class HFWindows(Dataset):
-    def __init__(self, windows: PackedWindows) -> None:
-        self.windows = windows
-
-    def __len__(self) -> int:
-        return len(self.windows)
-
-    def __getitem__(self, i: int) -> dict:
-        x = self.windows[i][:-1]
-        return {"input_ids": x, "labels": x}  # GPT2LMHeadModel shifts the labels itself
-
-
 class HFTrainer:
-    """`transformers.Trainer` on a `GPT2LMHeadModel` of the same shape."""
+    """`transformers.Trainer` (its defaults, e.g. fused AdamW) on the Hugging Face model of the same shape."""
 
     name = "HF Trainer"
 
-    def __init__(self, shape: dict, dm: TextCorpusDataModule, precision: str, batch_size: int):
-        from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments
+    def __init__(self, cfg: DictConfig, dm: Any, make_model: Callable) -> None:
+        from transformers import Trainer, TrainerCallback, TrainingArguments
 
         torch.manual_seed(0)
-        config = GPT2Config(
-            vocab_size=dm.vocab_size, n_positions=shape["block_size"], n_embd=shape["n_embd"],
-            n_layer=shape["n_layer"], n_head=shape["n_head"], resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-        )
-        model = GPT2LMHeadModel(config)
-        self.timer = StepTimer()
-        timer = self.timer
+        model, dataset, collator = make_model(cfg, dm)
+        self.timer = timer = StepTimer()
 
         class Timing(TrainerCallback):
             def on_train_begin(self, args, state, control, **kw):
@@ -177,17 +262,18 @@ class HFTrainer:
             def on_step_end(self, args, state, control, **kw):
                 timer.step()
 
+        opt, sched = cfg.task.optimizer, cfg.task.scheduler
         self.make = lambda steps: Trainer(
             model=model,
             args=TrainingArguments(
-                output_dir=str(Path(os.environ.get("TMPDIR", "/tmp")) / "hf-bench"), max_steps=steps,
-                per_device_train_batch_size=batch_size, learning_rate=LR, adam_beta1=BETAS[0],
-                adam_beta2=BETAS[1], weight_decay=WD, warmup_steps=WARMUP, lr_scheduler_type="cosine",
-                max_grad_norm=1.0, bf16=precision == "bf16-mixed", use_cpu=True, save_strategy="no",
-                report_to=[], logging_steps=10_000, dataloader_num_workers=0, disable_tqdm=True, seed=0,
+                output_dir=str(WORKDIR / "hf"), max_steps=steps, per_device_train_batch_size=dm.batch_size,
+                learning_rate=opt.lr, adam_beta1=opt.betas[0], adam_beta2=opt.betas[1],
+                weight_decay=opt.weight_decay, warmup_steps=sched.get("warmup_steps") or 0,
+                lr_scheduler_type="cosine", max_grad_norm=cfg.trainer.gradient_clip_val,
+                bf16=cfg.trainer.precision == "bf16-mixed", use_cpu=True, save_strategy="no", report_to=[],
+                logging_steps=10_000, dataloader_num_workers=0, disable_tqdm=True, seed=0,
             ),
-            train_dataset=HFWindows(dm.train_set),
-            callbacks=[Timing()],
+            train_dataset=dataset, data_collator=collator, callbacks=[Timing()],
         )
 
     def run(self, steps: int) -> list[float]:
@@ -196,45 +282,57 @@ class HFTrainer:
         return self.timer.times
 
 
-def summarize(times: list[float], tokens_per_step: int) -> dict:
+def summarize(times: list[float], per_step: int) -> dict:
     ms = np.array(times) * 1000
-    return {
-        "steps": len(ms),
-        "median_ms": float(np.median(ms)),
-        "min_ms": float(ms.min()),
-        "p90_ms": float(np.percentile(ms, 90)),
-        "tokens_per_s": tokens_per_step / (float(np.median(ms)) / 1000),
-    }
+    median = float(np.median(ms))
+    return {"steps": len(ms), "median_ms": median, "min_ms": float(ms.min()),
+            "p90_ms": float(np.percentile(ms, 90)), "per_s": per_step / (median / 1000)}
+
+
+def build(workload: Workload, precision: str, batch_size: int | None) -> tuple[DictConfig, Any, list]:
+    """Compose the workload, build its data once and every competitor from the same initial weights."""
+    overrides = [*workload.overrides, f"trainer.precision={precision}", "logger=csv"]
+    if batch_size:
+        overrides.append(f"data.batch_size={batch_size}")
+    cfg = compose_train_config(overrides, WORKDIR)
+    dm = build_datamodule(cfg)
+    dm.prepare_data()
+    dm.setup("fit")
+
+    def task() -> L.LightningModule:
+        torch.manual_seed(0)
+        return build_task(cfg, dm)
+
+    competitors: list = []
+    for name in workload.competitors:
+        if name == "raw loop":
+            competitors.append(RawLoop(task(), dm, cfg, workload.raw_loss))
+        elif name.startswith("fmlab"):
+            competitors.append(Fmlab(task(), dm, cfg, extras=name == "fmlab"))
+        elif workload.hf_model is not None:
+            competitors.append(HFTrainer(cfg, dm, workload.hf_model))
+    return cfg, dm, competitors
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workload", default="gpt", choices=sorted(WORKLOADS))
     parser.add_argument("--precision", default="bf16-mixed", choices=["32", "bf16-mixed"])
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--steps", type=int, default=12, help="steps per chunk")
     parser.add_argument("--drop", type=int, default=2, help="first steps of each chunk left out")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=None, help="default: the workload's")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--tiny", action="store_true", help="micro model: fmlab with and without extras vs raw")
     parser.add_argument("--no-hf", action="store_true")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
-    shape = SHAPES["tiny" if args.tiny else "gpt"]
-
-    dm = TextCorpusDataModule(source="bbc_news", vocab_size=8192, block_size=shape["block_size"], batch_size=8)
-    dm.prepare_data()
-    dm.setup()
+    workload = WORKLOADS[args.workload]
+    if args.no_hf:
+        workload.competitors = tuple(c for c in workload.competitors if c != "HF Trainer")
 
     made = time.perf_counter()
-    competitors: list = [RawLoop(shape, dm, args.precision, args.batch_size)]
-    if args.tiny:
-        competitors += [Fmlab(shape, dm, args.precision, args.batch_size, extras=e) for e in (False, True)]
-    else:
-        competitors.append(Fmlab(shape, dm, args.precision, args.batch_size, extras=True))
-        if not args.no_hf:
-            competitors.append(HFTrainer(shape, dm, args.precision, args.batch_size))
-
+    cfg, dm, competitors = build(workload, args.precision, args.batch_size)
     first_step, times = {}, {c.name: [] for c in competitors}
     for c in competitors:  # warm-up chunk; also the time to the first step of a fresh run
         start = time.perf_counter()
@@ -246,33 +344,37 @@ def main() -> None:
             times[c.name] += c.run(args.steps)[args.drop :]
             loads.append(os.getloadavg()[0])
 
-    tokens = args.batch_size * shape["block_size"]
-    rows = {name: summarize(t, tokens) for name, t in times.items()}
+    block = cfg.model.get("block_size") if workload.unit == "tokens" else 1
+    per_step = dm.batch_size * block
+    rows = {name: summarize(t, per_step) for name, t in times.items()}
     raw = rows["raw loop"]["median_ms"]
     for name, row in rows.items():
-        row["vs_raw_tokens_per_s"] = raw / row["median_ms"]
+        row["vs_raw"] = raw / row["median_ms"]
         row["overhead_ms"] = row["median_ms"] - raw
         row["first_step_s"] = first_step[name]
+    model = {k: v for k, v in to_plain(cfg.model).items() if k != "_target_"}
     result = {
-        "model": shape, "precision": args.precision, "batch_size": args.batch_size, "threads": args.threads,
-        "rounds": args.rounds, "steps_per_chunk": args.steps, "dropped_per_chunk": args.drop,
-        "load_average": {"min": min(loads), "max": max(loads)}, "cpu": platform.processor() or platform.machine(),
-        "torch": torch.__version__, "setup_s": time.perf_counter() - made, "results": rows,
+        "workload": args.workload, "command": f"train.py {' '.join(workload.overrides)}", "model": model,
+        "optimizer": to_plain(cfg.task.optimizer), "precision": args.precision, "batch_size": dm.batch_size,
+        "unit": workload.unit, "threads": args.threads, "rounds": args.rounds, "steps_per_chunk": args.steps,
+        "dropped_per_chunk": args.drop, "load_average": {"min": min(loads), "max": max(loads)},
+        "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
+        "setup_s": time.perf_counter() - made, "results": rows,
     }
     OUT.mkdir(parents=True, exist_ok=True)
-    tag = f"{'tiny' if args.tiny else 'gpt'}-{args.precision}-t{args.threads}"
+    tag = f"{args.workload}-{args.precision}-t{args.threads}"
     (OUT / f"{tag}.json").write_text(json.dumps(result, indent=2))
     lines = [
-        f"GPT {shape}, batch {args.batch_size}, {args.precision}, {args.threads} threads, "
+        f"`{result['command']}`, batch {dm.batch_size}, {args.precision}, {args.threads} thread(s), "
         f"{args.rounds} rounds x {args.steps - args.drop} timed steps, load {min(loads):.2f}-{max(loads):.2f}",
         "",
-        "| runner | median ms/step | min | p90 | tokens/s | vs raw loop | overhead ms | first step s |",
+        f"| runner | median ms/step | min | p90 | {workload.unit}/s | vs raw loop | overhead ms | first step s |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for name, r in rows.items():
         lines.append(
-            f"| {name} | {r['median_ms']:.1f} | {r['min_ms']:.1f} | {r['p90_ms']:.1f} | {r['tokens_per_s']:.0f} | "
-            f"{r['vs_raw_tokens_per_s']:.3f}x | {r['overhead_ms']:+.1f} | {r['first_step_s']:.2f} |"
+            f"| {name} | {r['median_ms']:.1f} | {r['min_ms']:.1f} | {r['p90_ms']:.1f} | {r['per_s']:.0f} | "
+            f"{r['vs_raw']:.3f}x | {r['overhead_ms']:+.1f} | {r['first_step_s']:.2f} |"
         )
     (OUT / f"{tag}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

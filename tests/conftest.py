@@ -9,14 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, open_dict, read_write
+from omegaconf import DictConfig
 
-import fmlab.config  # noqa: F401  (resolvers)
-
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+from fmlab.config import CONF_DIR  # noqa: F401  (re-exported for the tests)
+from fmlab.config import compose_train_config as compose_config
 
 # A tiny GPT and a short CPU run: seconds per test.
 TINY_GPT = [
@@ -27,21 +23,6 @@ TINY_GPT = [
     "+trainer.enable_progress_bar=false", "+trainer.enable_model_summary=false",
     "logger=csv", "callbacks=[model_checkpoint]",
 ]
-
-
-def compose_config(overrides: list[str], output_dir: Path | None = None) -> DictConfig:
-    """Compose conf/train.yaml as `python train.py <overrides>` would, with the run folder set."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=overrides, return_hydra_config=True)
-    if output_dir is not None:
-        with read_write(cfg), open_dict(cfg):
-            cfg.paths.output_dir = str(output_dir)
-            cfg.hydra.runtime.output_dir = str(output_dir)
-    HydraConfig().set_config(cfg)
-    with read_write(cfg), open_dict(cfg):
-        del cfg["hydra"]  # as in a real run: the task function sees the job config only
-    return cfg
 
 
 @pytest.fixture

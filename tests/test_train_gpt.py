@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
+from lightning.pytorch.plugins.precision import MixedPrecision
+from torch.utils.data import DataLoader
 
 from fmlab.tasks.base import param_groups, warmup_cosine
 from fmlab.tasks.causal_lm import CausalLMTask
@@ -76,3 +79,38 @@ def test_no_weight_decay_on_norms_biases_and_embeddings() -> None:
     }
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert "wte.weight" in {names[id(p)] for p in no_decay["params"]}
+
+
+def fit_tiny_gpt(optimizer: dict, **trainer_args) -> L.Trainer:
+    """Two steps of a tiny GPT on random tokens; returns the trainer."""
+    model = {"_target_": "fmlab.models.gpt.GPTConfig", "vocab_size": 64, "block_size": 16, "n_layer": 1,
+             "n_head": 2, "n_embd": 16}
+    task = CausalLMTask(model, {"_target_": "torch.optim.AdamW", "lr": 1e-3, **optimizer}, {"warmup_steps": 1})
+    trainer = L.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, **trainer_args)
+    trainer.fit(task, DataLoader(torch.randint(0, 64, (16, 17)), batch_size=4))
+    return trainer
+
+
+def test_fused_adamw_is_clipped_under_bf16(monkeypatch) -> None:
+    # Lightning's AMP plugin refuses to clip for any fused optimizer; bf16 gradients are unscaled, so fmlab clips.
+    clipped: list[float] = []
+    clip = torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_",
+                        lambda params, max_norm, *a, **kw: clipped.append(max_norm) or clip(params, max_norm, *a, **kw))
+    trainer = fit_tiny_gpt({"fused": True}, precision="bf16-mixed", gradient_clip_val=0.5)
+    assert trainer.global_step == 2 and trainer.optimizers[0].defaults["fused"]
+    assert clipped == [0.5, 0.5]
+
+
+def test_gradients_are_freed_after_each_optimizer_step() -> None:
+    trainer = fit_tiny_gpt({}, accumulate_grad_batches=2)
+    assert trainer.global_step == 2, "two optimizer steps of two accumulated batches each"
+    assert all(p.grad is None for p in trainer.lightning_module.parameters())
+
+
+def test_fp16_scaler_with_clipping_turns_fused_off() -> None:
+    # A fused optimizer unscales fp16 gradients inside its step, too late for clipping: fmlab falls back.
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
+    trainer = fit_tiny_gpt({"fused": True}, plugins=[plugin], gradient_clip_val=1.0)
+    assert trainer.optimizers[0].defaults["fused"] is False

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -15,12 +19,26 @@ ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 
 
-def train(runs: Path, name: str, overrides: list[str]) -> Path:
-    """Run train.py into <runs>/<name>; returns the run folder."""
+def parser(doc: str, fractions: list[float], pretrain_steps: int, finetune_steps: int) -> argparse.ArgumentParser:
+    """The options both drivers take; each adds its own."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--fractions", type=float, nargs="+", default=fractions)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--pretrain-steps", type=int, default=pretrain_steps)
+    p.add_argument("--finetune-steps", type=int, default=finetune_steps)
+    p.add_argument("--jobs", type=int, default=1, help="fine-tunes run side by side, one intra-op thread each")
+    p.add_argument("--extra", nargs="*", default=[], help="overrides added to every run")
+    p.add_argument("--report-only", action="store_true")
+    return p
+
+
+def train(runs: Path, name: str, overrides: list[str], threads: int | None = None) -> Path:
+    """Run train.py into <runs>/<name> (with `threads` intra-op threads if given); returns the run folder."""
     run_dir = runs / name
     cmd = [sys.executable, str(ROOT / "train.py"), *overrides, "logger=csv", f"hydra.run.dir={run_dir}"]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else None
     start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
     print(f"{name}: {time.perf_counter() - start:.0f} s", flush=True)
@@ -69,22 +87,28 @@ def report(results: dict, arms: list[str], stem: str, title: str, xlabel: str) -
 
 def sweep(
     results_path: Path, runs: Path, arms: list[str], fractions: list[float], seeds: list[int],
-    overrides: Callable[[str, float, int], list[str]], on_result: Callable[[dict], None],
+    overrides: Callable[[str, float, int], list[str]], on_result: Callable[[dict], None], jobs: int = 1,
 ) -> None:
-    """Fine-tune every arm x fraction x seed not yet in `results_path`, saving after each run."""
+    """Fine-tune every arm x fraction x seed not yet in `results_path`, `jobs` at a time (one core each),
+    saving after each run."""
     results = json.loads(results_path.read_text()) if results_path.is_file() else {"runs": {}}
-    for fraction in fractions:
-        for seed in seeds:
-            for arm in arms:
-                name = f"{arm}-f{fraction:g}-s{seed}"
-                if name in results["runs"]:
-                    continue
-                start = time.perf_counter()
-                run_dir = train(runs, name, overrides(arm, fraction, seed))
-                metrics = json.loads((run_dir / "test_metrics.json").read_text())["metrics"]
-                results["runs"][name] = {
-                    "arm": arm, "fraction": fraction, "seed": seed, "seconds": round(time.perf_counter() - start),
-                    "test/acc": metrics["test/acc"], "test/f1": metrics["test/f1"],
-                }
-                results_path.write_text(json.dumps(results, indent=2))
-                on_result(results)
+    pending = [(arm, fraction, seed) for fraction in fractions for seed in seeds for arm in arms
+               if f"{arm}-f{fraction:g}-s{seed}" not in results["runs"]]
+    lock = threading.Lock()
+
+    def run(arm: str, fraction: float, seed: int) -> None:
+        name = f"{arm}-f{fraction:g}-s{seed}"
+        start = time.perf_counter()
+        run_dir = train(runs, name, overrides(arm, fraction, seed), threads=1 if jobs > 1 else None)
+        metrics = json.loads((run_dir / "test_metrics.json").read_text())["metrics"]
+        with lock:
+            results["runs"][name] = {
+                "arm": arm, "fraction": fraction, "seed": seed, "seconds": round(time.perf_counter() - start),
+                "test/acc": metrics["test/acc"], "test/f1": metrics["test/f1"],
+            }
+            results_path.write_text(json.dumps(results, indent=2))
+            on_result(results)
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        for future in [pool.submit(run, *job) for job in pending]:
+            future.result()  # a failed run stops the sweep with its error; finished ones are saved

@@ -13,10 +13,9 @@ Scale up on a GPU with e.g. `--extra trainer=gpu model=vit_small`.
 
 from __future__ import annotations
 
-import argparse
 import json
 
-from common import HERE, ROOT, report, sweep, train
+from common import HERE, ROOT, parser, report, sweep, train
 
 RUNS = ROOT / "outputs" / "experiments" / "vision"
 RESULTS = HERE / "results_vision.json"
@@ -26,14 +25,8 @@ ARMS = ["mae_finetune", "scratch", "scratch_flat_lr", "mae_linear_probe"]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--fractions", type=float, nargs="+", default=[0.01, 0.05, 0.1, 1.0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--pretrain-steps", type=int, default=3000)
-    parser.add_argument("--finetune-steps", type=int, default=300)
-    parser.add_argument("--extra", nargs="*", default=[], help="overrides added to every run")
-    parser.add_argument("--report-only", action="store_true")
-    args = parser.parse_args()
+    options = parser(__doc__, fractions=[0.01, 0.05, 0.1, 1.0], pretrain_steps=3000, finetune_steps=300)
+    args = options.parse_args()
 
     def show(results: dict) -> None:
         report(results, ARMS, "vision", "ViT on Fashion-MNIST: MAE pre-training vs scratch",
@@ -59,7 +52,7 @@ def main() -> None:
             out.append("task.layer_decay=null")
         return out
 
-    sweep(RESULTS, RUNS, ARMS, args.fractions, args.seeds, overrides, show)
+    sweep(RESULTS, RUNS, ARMS, args.fractions, args.seeds, overrides, show, args.jobs)
 
 
 if __name__ == "__main__":

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
 import hydra
 import lightning as L
 import torch
+from lightning.pytorch.plugins.precision import MixedPrecision, Precision
+from lightning.pytorch.utilities import GradClipAlgorithmType
 from omegaconf import OmegaConf
 from torch import nn
 
 from fmlab.resume import rng_states, set_rng_states
+
+log = logging.getLogger(__name__)
 
 # Parameters with these name parts are embeddings or position tables: never weight-decayed.
 NO_DECAY_NAMES = ("wte", "wpe", "embed", "cls_token", "mask_token", "pos_embed")
@@ -68,6 +73,10 @@ class Task(L.LightningModule):
 
     def configure_optimizers(self) -> dict:
         opt_cfg = dict(self.hparams.optimizer)
+        if opt_cfg.get("fused") and self.gradient_scaler() is not None and self.trainer.gradient_clip_val:
+            # Clipping needs unscaled gradients, and a fused optimizer unscales fp16 gradients only inside its step.
+            log.info("16-mixed with gradient clipping: task.optimizer.fused=true is turned off for this run")
+            opt_cfg["fused"] = False
         optimizer = hydra.utils.instantiate({**opt_cfg, "_partial_": True})(self.parameter_groups())
         sched = self.hparams.scheduler
         total = int(self.trainer.estimated_stepping_batches)
@@ -79,6 +88,29 @@ class Task(L.LightningModule):
             optimizer, warmup_cosine(warmup, total, sched.get("min_lr_ratio", 0.1))
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        # Free the gradients now rather than after the next forward pass (Lightning's order), as a hand-written
+        # loop does: the forward pass reuses their memory, which lowers the peak and saves ~1.5 % of a CPU step.
+        optimizer.zero_grad(set_to_none=True)
+
+    def gradient_scaler(self) -> Any:
+        """fp16's gradient scaler, or None (fp32, bf16: nothing is scaled)."""
+        return getattr(self.trainer.precision_plugin, "scaler", None)
+
+    def configure_gradient_clipping(
+        self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        plugin = self.trainer.precision_plugin
+        if gradient_clip_val and isinstance(plugin, MixedPrecision) and plugin.scaler is None:
+            # Lightning's AMP plugin refuses to clip for any fused optimizer, a guard meant for fp16's scaler:
+            # bf16 gradients are not scaled, so clip them as the base plugin does.
+            algorithm = GradClipAlgorithmType(gradient_clip_algorithm or "norm")
+            Precision.clip_gradients(plugin, optimizer, gradient_clip_val, algorithm)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def log_lr(self) -> None:
         self.log("lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False)
