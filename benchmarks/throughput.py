@@ -342,6 +342,7 @@ def main() -> None:
     for _ in range(args.rounds):
         for c in competitors:
             times[c.name] += c.run(args.steps)[args.drop :]
+            os.sync()  # a runner's checkpoint writes are flushed before the next runner's chunk, not during it
             loads.append(os.getloadavg()[0])
 
     block = cfg.model.get("block_size") if workload.unit == "tokens" else 1
