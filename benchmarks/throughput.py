@@ -44,7 +44,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from fmlab.config import compose_train_config
-from fmlab.tasks.base import param_groups, to_plain, warmup_cosine
+from fmlab.tasks.base import to_plain
 from fmlab.tasks.masked_lm import mask_tokens
 from fmlab.training import build_datamodule, build_task
 
@@ -198,17 +198,6 @@ class Fmlab:
         return self.timer.times
 
 
-def make_optimizer(cfg: DictConfig, module: nn.Module) -> tuple[torch.optim.Optimizer, Any]:
-    """The task's configured AdamW (same lr, betas, weight decay, fused or not) and warm-up + cosine schedule."""
-    opt_cfg = to_plain(cfg.task.optimizer)
-    opt_cfg.pop("_target_")
-    wd = opt_cfg.pop("weight_decay", 0.0)
-    opt = torch.optim.AdamW(param_groups(module, wd), **opt_cfg)
-    sched = cfg.task.scheduler
-    warmup = sched.get("warmup_steps") or max(1, int(sched.get("warmup_fraction", 0.0) * TOTAL_STEPS))
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(warmup, TOTAL_STEPS, sched.min_lr_ratio))
-
-
 class RawLoop:
     """The same model and loss in a hand-written loop over a plain shuffled DataLoader."""
 
@@ -216,7 +205,7 @@ class RawLoop:
 
     def __init__(self, task: nn.Module, dm: Any, cfg: DictConfig, loss: Callable) -> None:
         self.task, self.loss, self.cfg = task, loss, cfg
-        self.opt, self.sched = make_optimizer(cfg, task)
+        self.opt, self.sched = task.build_optimizer(TOTAL_STEPS)  # the task's own AdamW and schedule
         collate = dm.train_dataloader().collate_fn  # the data module's own batching (images: batched transforms)
         self.loader = DataLoader(dm.train_set, batch_size=dm.batch_size, shuffle=True, drop_last=True,
                                  collate_fn=collate)

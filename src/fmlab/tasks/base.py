@@ -72,22 +72,29 @@ class Task(L.LightningModule):
         return param_groups(self, self.hparams.optimizer.get("weight_decay", 0.0))
 
     def configure_optimizers(self) -> dict:
-        opt_cfg = dict(self.hparams.optimizer)
-        if opt_cfg.get("fused") and self.gradient_scaler() is not None and self.trainer.gradient_clip_val:
+        overrides = {}
+        clipped = bool(self.trainer.gradient_clip_val)
+        if self.hparams.optimizer.get("fused") and self.gradient_scaler() is not None and clipped:
             # Clipping needs unscaled gradients, and a fused optimizer unscales fp16 gradients only inside its step.
             log.info("16-mixed with gradient clipping: task.optimizer.fused=true is turned off for this run")
-            opt_cfg["fused"] = False
+            overrides["fused"] = False
+        optimizer, schedule = self.build_optimizer(int(self.trainer.estimated_stepping_batches), **overrides)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def build_optimizer(self, total_steps: int, **overrides: Any) -> tuple[torch.optim.Optimizer, Any]:
+        """The configured optimizer over `parameter_groups()` and its warm-up + cosine schedule over `total_steps`
+        (stepped per optimizer step); `overrides` replace optimizer settings."""
+        opt_cfg = {**self.hparams.optimizer, **overrides}
         optimizer = hydra.utils.instantiate({**opt_cfg, "_partial_": True})(self.parameter_groups())
         sched = self.hparams.scheduler
-        total = int(self.trainer.estimated_stepping_batches)
         warmup = sched.get("warmup_steps")
         if warmup is None:
-            warmup = int(sched.get("warmup_fraction", 0.0) * total)
-        warmup = max(1, min(int(warmup), total))
+            warmup = int(sched.get("warmup_fraction", 0.0) * total_steps)
+        warmup = max(1, min(int(warmup), total_steps))
         schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, warmup_cosine(warmup, total, sched.get("min_lr_ratio", 0.1))
+            optimizer, warmup_cosine(warmup, total_steps, sched.get("min_lr_ratio", 0.1))
         )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+        return optimizer, schedule
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
@@ -104,7 +111,7 @@ class Task(L.LightningModule):
         gradient_clip_algorithm: str | None = None,
     ) -> None:
         plugin = self.trainer.precision_plugin
-        if gradient_clip_val and isinstance(plugin, MixedPrecision) and plugin.scaler is None:
+        if gradient_clip_val and isinstance(plugin, MixedPrecision) and self.gradient_scaler() is None:
             # Lightning's AMP plugin refuses to clip for any fused optimizer, a guard meant for fp16's scaler:
             # bf16 gradients are not scaled, so clip them as the base plugin does.
             algorithm = GradClipAlgorithmType(gradient_clip_algorithm or "norm")
