@@ -46,7 +46,7 @@ from torch.utils.data import DataLoader, Dataset
 from fmlab.config import compose_train_config
 from fmlab.tasks.base import to_plain
 from fmlab.tasks.masked_lm import mask_tokens
-from fmlab.training import build_datamodule, build_task
+from fmlab.training import build_datamodule, build_task, run_pretrained
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "experiments" / "benchmarks"
@@ -117,7 +117,7 @@ def hf_bert(cfg: DictConfig, dm: Any) -> tuple[nn.Module, Dataset, Any]:
         hidden_dropout_prob=m.dropout, attention_probs_dropout_prob=m.attn_dropout, layer_norm_eps=m.norm_eps,
     )
     tok = PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer.from_str(dm.extra_state()["tokenizer"]), mask_token="<mask>", pad_token="<pad>",
+        tokenizer_object=Tokenizer.from_str(dm.describe().state["tokenizer"]), mask_token="<mask>", pad_token="<pad>",
         cls_token="<cls>", sep_token="<sep>",
     )
     collator = DataCollatorForLanguageModeling(tok, mlm_probability=cfg.task.mask_prob)  # the 80/10/10 rule too
@@ -284,13 +284,14 @@ def build(workload: Workload, precision: str, batch_size: int | None) -> tuple[D
     if batch_size:
         overrides.append(f"data.batch_size={batch_size}")
     cfg = compose_train_config(overrides, WORKDIR)
-    dm = build_datamodule(cfg)
+    pretrained = run_pretrained(cfg)
+    dm = build_datamodule(cfg, pretrained)
     dm.prepare_data()
     dm.setup("fit")
 
     def task() -> L.LightningModule:
         torch.manual_seed(0)
-        return build_task(cfg, dm)
+        return build_task(cfg, dm, pretrained)
 
     competitors: list = []
     for name in workload.competitors:

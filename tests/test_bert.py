@@ -7,8 +7,10 @@ import json
 import pytest
 import torch
 
-from fmlab.models.bert import BertConfig, from_hf_bert
-from fmlab.tasks.pretrained import load_pretrained
+from fmlab.interop.hf_bert import from_hf as from_hf_bert
+from fmlab.models.bert import BertConfig
+from fmlab.resolve import load_pretrained
+from fmlab.tasks.pretrained import load_backbone
 
 
 def tiny(**kw) -> BertConfig:
@@ -67,7 +69,7 @@ def test_minilm_matches_transformers_bert_model() -> None:
     assert json.loads(pretrained.tokenizer)["model"]["type"] == "WordPiece"
     ours = BertConfig(**{k: v for k, v in pretrained.model.items() if k != "_target_"}).build().eval()
     ours.mlm_head = None  # BertModel has no pre-training heads
-    pretrained.load_into(ours)
+    load_backbone(ours, pretrained)
     assert 22.5e6 < sum(p.numel() for p in ours.parameters()) + 384 * 384 + 384 < 22.9e6  # + the unused pooler
     tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
     tok.enable_padding(pad_id=0)

@@ -13,6 +13,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
 
+from fmlab.errors import UserError
 from fmlab.evaluation import evaluate
 from fmlab.generation import generate_text, load_generator
 from fmlab.training import train
@@ -79,7 +80,7 @@ def test_eval_is_generic_over_tasks(tmp_path: Path) -> None:
 
 def test_eval_refuses_a_missing_checkpoint(tmp_path: Path) -> None:
     cfg = compose_entry("eval", [f"ckpt_path={tmp_path / 'none.ckpt'}"], tmp_path / "eval")
-    with pytest.raises(FileNotFoundError, match="none.ckpt"):
+    with pytest.raises(UserError, match="ckpt_path=.*none.ckpt: no such file"):
         evaluate(cfg)
 
 

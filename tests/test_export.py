@@ -15,11 +15,11 @@ from fmlab.data.tokenizer import train_bpe
 from fmlab.interop.common import ExportError
 from fmlab.interop.export import export_checkpoint, export_task
 from fmlab.models.lora import merge_lora
+from fmlab.resolve import load_pretrained
 from fmlab.tasks.causal_lm import CausalLMTask
 from fmlab.tasks.classification import ClassificationTask
 from fmlab.tasks.mae import MAETask
 from fmlab.tasks.masked_lm import MaskedLMTask
-from fmlab.tasks.pretrained import load_pretrained
 from fmlab.training import train
 from tests.conftest import TINY_GPT, WORDS, compose_config
 from tests.labeled_data import write_labeled_csv
@@ -197,9 +197,11 @@ def test_lora_finetune_run_exports_through_export_py(tmp_path: Path) -> None:
         assert close(hf(**enc).logits, ours) < 1e-4  # the adapters merged into the exported weights
     # The same folder is a pretrained source again: export and import share one key map.
     merged = merge_lora(task.model).state_dict()
-    for key, value in load_pretrained(str(out)).state_dict.items():
+    loaded = load_pretrained(str(out)).state_dict
+    assert set(merged) <= set(loaded), "every backbone tensor comes back (the LM head, stripped here, too)"
+    for key, value in merged.items():
         if not key.startswith("transformer.ln_f."):  # the classifier bias was folded into ln_f
-            assert torch.allclose(value, merged[key], atol=1e-6), key
+            assert torch.allclose(value, loaded[key], atol=1e-6), key
 
 
 @pytest.mark.slow

@@ -13,8 +13,9 @@ from safetensors.torch import load_file
 
 from fmlab.data.tokenizer import train_bpe
 from fmlab.interop import hf_vit
-from fmlab.tasks.pretrained import PretrainedError, load_pretrained
-from fmlab.training import build_datamodule, build_task, train
+from fmlab.resolve import PretrainedError, load_pretrained
+from fmlab.tasks.pretrained import load_backbone
+from fmlab.training import build_datamodule, build_task, run_pretrained, train
 from tests.conftest import TINY_GPT, WORDS, compose_config
 from tests.image_data import TINY_VIT, write_image_folder
 from tests.labeled_data import labeled_rows, write_labeled_csv
@@ -35,7 +36,7 @@ def ours(folder: Path) -> torch.nn.Module:
     """Our model built from `pretrained=<folder>`, its weights loaded with the strict key check."""
     pretrained = load_pretrained(str(folder))
     model = hydra.utils.instantiate(pretrained.model).build().eval()
-    pretrained.load_into(model)
+    load_backbone(model, pretrained)
     return model
 
 
@@ -114,9 +115,10 @@ def test_gpt2_folder_fine_tunes(tmp_path: Path) -> None:
         f"paths.cache_dir={tmp_path / 'cache'}", f"pretrained={tmp_path / 'gpt2'}", "data.max_length=32",
         "trainer.max_steps=4", "trainer.val_check_interval=4", "validate_before_fit=false",
     ], tmp_path / "run")
-    datamodule = build_datamodule(cfg)
+    pretrained = run_pretrained(cfg)
+    datamodule = build_datamodule(cfg, pretrained)
     datamodule.prepare_data()
-    task = build_task(cfg, datamodule)
+    task = build_task(cfg, datamodule, pretrained)
     assert task.model.config.n_layer == 2 and task.model.config.block_size == 64  # the source's architecture
     expected = hf.transformer.h[1].attn.c_attn.weight.t()
     assert torch.equal(task.model.transformer.blocks[1].attn.qkv.weight, expected)
@@ -157,9 +159,10 @@ def test_gpt2_folder_continues_pretraining(tmp_path: Path, corpus_dir: Path) -> 
         f"pretrained={tmp_path / 'gpt2'}", f"paths.cache_dir={tmp_path / 'cache'}", "trainer.max_steps=4",
         "trainer.val_check_interval=4",
     ], tmp_path / "run")
-    datamodule = build_datamodule(cfg)
+    pretrained = run_pretrained(cfg)
+    datamodule = build_datamodule(cfg, pretrained)
     datamodule.prepare_data()
-    task = build_task(cfg, datamodule)
+    task = build_task(cfg, datamodule, pretrained)
     assert torch.equal(task.model.wte.weight, hf.transformer.wte.weight)
     train(cfg)
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()

@@ -45,11 +45,11 @@ def test_fashion_mnist_preset_splits_labels_and_normalisation(tmp_path: Path) ->
     batch = next(iter(dm.train_dataloader()))
     assert set(batch) == {"pixel_values"}  # pre-training ignores the labels
     assert batch["pixel_values"].shape == (8, 1, 28, 28) and batch["pixel_values"].dtype == torch.float32
-    assert dm.model_overrides() == {"in_chans": 1, "img_size": 28}
+    assert dm.describe().model == {"in_chans": 1, "img_size": 28}
     # Statistics come from the training split, so the normalised training images have mean 0 and std 1.
     x = (dm.train_set.images.float() / 255 - dm.mean[0]) / dm.std[0]
     assert abs(x.mean().item()) < 1e-3 and abs(x.std().item() - 1) < 1e-2
-    assert dm.extra_state()["normalization"] == {"mean": dm.mean, "std": dm.std}
+    assert dm.describe().state["normalization"] == {"mean": dm.mean, "std": dm.std}
 
 
 def test_few_labels_are_stratified_and_seeded(tmp_path: Path) -> None:
@@ -59,7 +59,7 @@ def test_few_labels_are_stratified_and_seeded(tmp_path: Path) -> None:
     assert len(dm.val_set) == 100 and len(dm.test_set) == 20  # validation and test keep all their labels
     batch = next(iter(dm.val_dataloader()))
     assert set(batch) == {"pixel_values", "labels"}
-    assert dm.task_overrides() == {"num_labels": 10}
+    assert dm.describe().task == {"num_labels": 10}
     again = datamodule(tmp_path, root=str(root), labeled=True, labels_per_class=3, val_fraction=0.25)
     assert torch.equal(dm.train_set.images, again.train_set.images)
 
@@ -88,7 +88,7 @@ def test_batches_come_out_at_the_model_size_with_augmentation(tmp_path: Path) ->
     dm = datamodule(tmp_path, root=root, img_size=32, augment=augment, val_fraction=0.25)
     assert next(iter(dm.train_dataloader()))["pixel_values"].shape == (8, 1, 32, 32)
     assert next(iter(dm.test_dataloader()))["pixel_values"].shape == (8, 1, 32, 32)
-    assert dm.model_overrides()["img_size"] == 32
+    assert dm.describe().model["img_size"] == 32
 
 
 def test_image_folder_with_a_corrupt_file(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -111,7 +111,7 @@ def test_image_folder_rgb_sizes_and_module(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"odd\.png is 20x20.*model.img_size"):
         read_image_source(str(root), None, None)
     dm = datamodule(tmp_path, source=str(root), img_size=28, val_fraction=0.2, labeled=True)
-    assert dm.model_overrides() == {"in_chans": 3, "img_size": 28}
+    assert dm.describe().model == {"in_chans": 3, "img_size": 28}
     assert len(dm.train_set) + len(dm.val_set) == 21 and dm.test_set is dm.val_set
 
 

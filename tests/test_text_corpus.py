@@ -10,9 +10,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from tokenizers import Tokenizer
 
 from fmlab.data.sources import DataError, read_bbc_news, read_texts
 from fmlab.data.text_corpus import TextCorpusDataModule, split_documents
+from fmlab.errors import UserError
 
 
 def test_bbc_news_preset_counts_and_topics() -> None:
@@ -81,7 +83,8 @@ def test_split_is_seeded_and_by_document() -> None:
 
 
 def make_dm(corpus_dir: Path, cache: Path, **kw) -> TextCorpusDataModule:
-    return TextCorpusDataModule(source=str(corpus_dir), vocab_size=300, block_size=32, cache_dir=str(cache), **kw)
+    args = {"vocab_size": 300, "block_size": 32, **kw}
+    return TextCorpusDataModule(source=str(corpus_dir), cache_dir=str(cache), **args)
 
 
 def test_token_cache_is_written_once_and_reused(corpus_dir: Path, tmp_path: Path, caplog, monkeypatch) -> None:
@@ -107,28 +110,47 @@ def test_token_cache_is_written_once_and_reused(corpus_dir: Path, tmp_path: Path
 
 
 def test_cache_key_follows_source_and_tokenizer(corpus_dir: Path, tmp_path: Path) -> None:
-    base = make_dm(corpus_dir, tmp_path).cache_path
-    assert make_dm(corpus_dir, tmp_path, val_fraction=0.2).cache_path != base
-    assert TextCorpusDataModule(source=str(corpus_dir), vocab_size=400, cache_dir=str(tmp_path)).cache_path != base
+    def key(**kw) -> str:  # one root, so only the key can differ
+        return make_dm(corpus_dir, tmp_path / "cache", **kw).cache_path.name
+
+    base = key()
+    assert key() == base
+    assert key(val_fraction=0.2) != base
+    assert key(vocab_size=400) != base
+    assert key(seed=5) != base
+
+    trained = make_dm(corpus_dir, tmp_path / "a")
+    trained.setup()
+    tok_file = tmp_path / "tokenizer.json"
+    trained.tokenizer.save(str(tok_file))
+    as_path, as_object = key(tokenizer=str(tok_file)), key(tokenizer=Tokenizer.from_file(str(tok_file)))
+    assert as_path == as_object, "the same tokenizer as a path and as an object shares a cache"
+    assert as_path != base, "a given tokenizer is not the one this corpus would train"
+    other = make_dm(corpus_dir, tmp_path / "b", vocab_size=280)
+    other.setup()
+    assert other.tokenizer.to_str() != trained.tokenizer.to_str()
+    assert key(tokenizer=other.tokenizer) != as_path, "a different tokenizer never shares a cache"
+
     (corpus_dir / "doc000.txt").write_text("changed text")
-    assert make_dm(corpus_dir, tmp_path).cache_path != base
+    assert key() != base
+    assert key(tokenizer=str(tok_file)) != as_path
 
 
 def test_existing_tokenizer_is_loaded(corpus_dir: Path, tmp_path: Path) -> None:
-    first = make_dm(corpus_dir, tmp_path / "a")
-    first.prepare_data()
+    first = make_dm(corpus_dir, tmp_path / "cache")
     first.setup()
     tok_file = first.cache_path / "tokenizer.json"
-    second = make_dm(corpus_dir, tmp_path / "b", tokenizer=str(tok_file))
-    second.prepare_data()
-    second.setup()
-    assert second.cache_path != first.cache_path
-    assert second.tokenizer.to_str() == first.tokenizer.to_str()
+    for given in (str(tok_file), Tokenizer.from_file(str(tok_file))):
+        second = make_dm(corpus_dir, tmp_path / "cache", tokenizer=given)
+        second.setup()
+        assert second.cache_path != first.cache_path
+        assert second.tokenizer.to_str() == first.tokenizer.to_str()
+        assert np.array_equal(second.train_set.tokens, first.train_set.tokens), "same tokenizer, same tokens"
 
 
 def test_bad_tokenizer_path_is_named(corpus_dir: Path, tmp_path: Path) -> None:
     dm = make_dm(corpus_dir, tmp_path, tokenizer=str(tmp_path / "missing.json"))
-    with pytest.raises(DataError, match="missing.json"):
+    with pytest.raises(UserError, match="missing.json"):
         dm.prepare_data()
 
 
@@ -151,4 +173,5 @@ def test_failed_tokenization_leaves_no_cache(corpus_dir: Path, tmp_path: Path, m
     dm = make_dm(corpus_dir, tmp_path / "cache")
     with pytest.raises(KeyboardInterrupt):
         dm.prepare_data()
-    assert list((tmp_path / "cache").iterdir()) == [], "no half-written cache, no scratch folder"
+    left = [p.name for p in (tmp_path / "cache").iterdir()]
+    assert left == [f"{dm.cache_path.name}.lock"], "no half-written cache, no scratch folder; only its lock file"

@@ -11,9 +11,11 @@ import torch
 
 from fmlab.data.sources import read_bbc_news
 from fmlab.data.tokenizer import train_bpe
+from fmlab.errors import UserError
+from fmlab.resolve import PretrainedError, load_pretrained
 from fmlab.tasks.classification import ClassificationTask
-from fmlab.tasks.pretrained import PretrainedError, load_pretrained
-from fmlab.training import build_datamodule, build_task, train
+from fmlab.tasks.pretrained import load_backbone
+from fmlab.training import build_datamodule, build_task, run_pretrained, train
 from tests.conftest import TINY_GPT, compose_config, read_metrics, values, write_corpus
 from tests.labeled_data import write_csv, write_labeled_csv
 
@@ -58,9 +60,10 @@ def test_mlm_pretraining_lowers_loss(mlm_run: Path) -> None:
 def test_finetune_starts_from_the_pretrained_backbone_and_writes_test_metrics(mlm_run: Path, root: Path) -> None:
     ckpt = mlm_run / "checkpoints" / "last.ckpt"
     cfg = finetune_config(root, "ft", f"pretrained={ckpt}")
-    dm = build_datamodule(cfg)
+    pretrained = run_pretrained(cfg)
+    dm = build_datamodule(cfg, pretrained)
     dm.prepare_data()
-    task = build_task(cfg, dm)
+    task = build_task(cfg, dm, pretrained)
     pretrained = backbone(torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"])
     assert set(task.model.state_dict()) == set(pretrained), "pre-training head dropped, nothing else"
     for k, v in task.model.state_dict().items():
@@ -96,9 +99,10 @@ def test_linear_probe_leaves_the_backbone_bit_identical(mlm_run: Path, root: Pat
 def test_lora_trains_only_adapters_and_head(mlm_run: Path, root: Path) -> None:
     ckpt = mlm_run / "checkpoints" / "last.ckpt"
     cfg = finetune_config(root, "lora", f"pretrained={ckpt}", "task.finetune_mode=lora", "task.lora.r=4")
-    dm = build_datamodule(cfg)
+    pretrained = run_pretrained(cfg)
+    dm = build_datamodule(cfg, pretrained)
     dm.prepare_data()
-    task = build_task(cfg, dm)
+    task = build_task(cfg, dm, pretrained)
     trainable = {n for n, p in task.named_parameters() if p.requires_grad}
     assert trainable and all(n.startswith("head.") or n.endswith(("lora_A", "lora_B")) for n in trainable)
     train(cfg)
@@ -124,10 +128,8 @@ def test_tokenizer_that_does_not_match_the_checkpoint_is_an_error(mlm_run: Path,
     other.save(str(root / "other.json"))
     ckpt = mlm_run / "checkpoints" / "last.ckpt"
     cfg = finetune_config(root, "bad", f"pretrained={ckpt}", f"data.tokenizer={root / 'other.json'}")
-    dm = build_datamodule(cfg)
-    dm.prepare_data()
-    with pytest.raises(PretrainedError, match="tokenizer"):
-        build_task(cfg, dm)
+    with pytest.raises(UserError, match=r"data.tokenizer=.*other.json: not the tokenizer pretrained="):
+        build_datamodule(cfg, run_pretrained(cfg))
 
 
 def test_missing_backbone_keys_are_listed(mlm_run: Path) -> None:
@@ -136,7 +138,7 @@ def test_missing_backbone_keys_are_listed(mlm_run: Path) -> None:
     pretrained.state_dict["transformer.blocks.9.mlp.fc.weight"] = torch.zeros(1)
     task = ClassificationTask(pretrained.model, {}, {}, num_labels=2)
     with pytest.raises(PretrainedError) as err:
-        pretrained.load_into(task.model)
+        load_backbone(task.model, pretrained)
     assert "transformer.blocks.1.mlp.fc.weight" in str(err.value)
     assert "transformer.blocks.9.mlp.fc.weight" in str(err.value)
 

@@ -70,7 +70,7 @@ def test_callback_logs_hand_computed_mfu(tmp_path: Path) -> None:
                                 cache_dir=str(tmp_path / "cache"))
     data.prepare_data()
     model = {"_target_": "fmlab.models.gpt.GPTConfig", "n_layer": L_, "n_head": 2, "n_embd": C, "block_size": T,
-             **data.model_overrides()}
+             **data.describe().model}
     task = CausalLMTask(model, {"_target_": "torch.optim.AdamW", "lr": 1e-3}, {"warmup_steps": 1})
     trainer = L.Trainer(
         accelerator="cpu", devices=1, precision=32, max_steps=4, log_every_n_steps=2, limit_val_batches=0,

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from fmlab.data.image_sources import FASHION_MNIST_DIR, FASHION_MNIST_FILES
-from fmlab.tasks.pretrained import PretrainedError
-from fmlab.training import build_datamodule, build_task, train
+from fmlab.resolve import PretrainedError
+from fmlab.training import build_datamodule, build_task, run_pretrained, train
 from tests.conftest import compose_config
 from tests.image_data import TINY_MAE, TINY_VIT, write_image_folder
 
@@ -57,9 +57,10 @@ def pretrained_encoder(run: Path) -> dict[str, torch.Tensor]:
 
 def test_mae_checkpoint_gives_the_encoder_drops_the_decoder(images: Path, mae_run: Path, tmp_path: Path) -> None:
     cfg = finetune_config(images, mae_run, tmp_path, "data.labels_per_class=5")
-    datamodule = build_datamodule(cfg)
+    pretrained = run_pretrained(cfg)
+    datamodule = build_datamodule(cfg, pretrained)
     datamodule.prepare_data()
-    task = build_task(cfg, datamodule)
+    task = build_task(cfg, datamodule, pretrained)
     encoder = pretrained_encoder(mae_run)
     own = task.model.state_dict()
     assert set(own) == set(encoder)
@@ -68,7 +69,7 @@ def test_mae_checkpoint_gives_the_encoder_drops_the_decoder(images: Path, mae_ru
     assert not any(k.startswith("decoder.") or "mask_token" in k for k in task.state_dict())
     head = task.head.classifier
     assert head.out_features == 2 and torch.all(head.bias == 0)  # fresh, sized by the data's classes
-    assert task.model.config.drop_path == cfg.model.drop_path  # regularisation follows the fine-tune config
+    assert task.model.config.drop_path == cfg.task.drop_path == 0.1  # the fine-tuning recipe's stochastic depth
 
 
 def test_linear_probe_leaves_the_encoder_bit_identical(images: Path, mae_run: Path, tmp_path: Path) -> None:
@@ -86,9 +87,10 @@ def test_linear_probe_leaves_the_encoder_bit_identical(images: Path, mae_run: Pa
 
 def test_finetunes_at_another_resolution(images: Path, mae_run: Path, tmp_path: Path) -> None:
     cfg = finetune_config(images, mae_run, tmp_path, "model.img_size=32", "task.pooling=mean")
-    datamodule = build_datamodule(cfg)
+    pretrained = run_pretrained(cfg)
+    datamodule = build_datamodule(cfg, pretrained)
     datamodule.prepare_data()
-    task = build_task(cfg, datamodule)
+    task = build_task(cfg, datamodule, pretrained)
     assert task.model.pos_embed.shape == (1, 1 + 8 * 8, 32)
     assert torch.equal(task.model.pos_embed[:, 0], pretrained_encoder(mae_run)["pos_embed"][:, 0])
     train(cfg)  # and the whole fine-tune runs at 32x32
@@ -97,10 +99,11 @@ def test_finetunes_at_another_resolution(images: Path, mae_run: Path, tmp_path: 
 
 def test_channel_mismatch_with_the_checkpoint_names_both(images: Path, mae_run: Path, tmp_path: Path) -> None:
     cfg = finetune_config(images, mae_run, tmp_path, "data.channels=3")
-    datamodule = build_datamodule(cfg)
+    pretrained = run_pretrained(cfg)
+    datamodule = build_datamodule(cfg, pretrained)
     datamodule.prepare_data()
     with pytest.raises(PretrainedError, match=r"model.in_chans=3 but pretrained=.* has in_chans=1.*data.channels=1"):
-        build_task(cfg, datamodule)
+        build_task(cfg, datamodule, pretrained)
 
 
 def test_supervised_pretraining_then_finetune(images: Path, tmp_path: Path) -> None:
@@ -112,9 +115,10 @@ def test_supervised_pretraining_then_finetune(images: Path, tmp_path: Path) -> N
     train(cfg)
     assert (tmp_path / "sup" / "test_metrics.json").is_file()
     fine = finetune_config(images, tmp_path / "sup", tmp_path / "ft", "data.labels_per_class=4")
-    datamodule = build_datamodule(fine)
+    pretrained = run_pretrained(fine)
+    datamodule = build_datamodule(fine, pretrained)
     datamodule.prepare_data()
-    task = build_task(fine, datamodule)
+    task = build_task(fine, datamodule, pretrained)
     ckpt = torch.load(next((tmp_path / "sup" / "checkpoints").glob("best*.ckpt")), weights_only=True)
     assert torch.equal(task.model.patch_embed.proj.weight, ckpt["state_dict"]["model.patch_embed.proj.weight"])
 

@@ -25,10 +25,11 @@ SPLIT_SEED = 1234
 
 def training_texts(path) -> None:
     """The training split of the labeled BBC News data, as a jsonl corpus for pre-training."""
-    from fmlab.data.labeled_text import LabeledTextDataModule, read_labeled_splits
+    from fmlab.data.labeled_text import LabeledTextDataModule
+    from fmlab.data.sources import read_split_table
 
     dm = LabeledTextDataModule(source="bbc_news", seed=SPLIT_SEED)
-    parts = dm.split({s: dm.clean(r, s) for s, r in read_labeled_splits("bbc_news", dm.columns).items()})
+    parts = dm.split({s: dm.clean(r, s) for s, r in read_split_table("bbc_news", dm.columns).items()})
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps({"text": r["text"]}) + "\n" for r in parts["train"]))
     print(f"pre-training corpus: {len(parts['train'])} training documents "

@@ -1,12 +1,17 @@
-"""OmegaConf resolvers used by the shipped configs (registered on import), and composing conf/train.yaml outside a
-Hydra job (benchmarks, tests)."""
+"""What the shipped configs need registered before Hydra composes them (done on import): OmegaConf resolvers, and
+the `task=<model>_<stage>` pairs that map a stage to the objective a model family declares in `objectives:`;
+plus composing conf/train.yaml outside a Hydra job (benchmarks, tests)."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
+from typing import Any
 
+import yaml
 from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
@@ -31,14 +36,76 @@ def sweep_group(task_name: str) -> str | None:
     return f"{task_name}-{Path(HydraConfig.get().sweep.dir).name}"
 
 
+def preset_value(key: str, _parent_: DictConfig) -> Any:
+    """`${fmlab.preset:n_layer}` in a model node: that field of the preset `size` of the node's config class (the
+    class's default where the preset leaves it out)."""
+    from hydra.utils import get_class
+
+    from fmlab.models.transformer import preset
+
+    config_class = get_class(_parent_["_target_"])
+    values = preset(config_class, _parent_["size"])
+    if key in values:
+        return values[key]
+    field = next(f for f in dataclasses.fields(config_class) if f.name == key)
+    return None if field.default is dataclasses.MISSING else field.default
+
+
+def text_template(pooling: str) -> str:
+    """Special tokens around one text for our BPE: a class token to read (cls, mean), or an end to read up to."""
+    return "$A <|endoftext|>" if pooling == "last" else "<cls> $A <sep>"
+
+
+def pair_template(pooling: str) -> str:
+    return "$A <sep> $B <|endoftext|>" if pooling == "last" else "<cls> $A <sep> $B:1 <sep>:1"
+
+
+RESOLVERS = {
+    "fmlab.wandb_offline": wandb_offline,
+    "fmlab.sweep_group": sweep_group,
+    "fmlab.preset": preset_value,
+    "fmlab.min": min,
+    "fmlab.template": text_template,
+    "fmlab.pair_template": pair_template,
+}
+
+
 def register_resolvers() -> None:
-    if not OmegaConf.has_resolver("fmlab.wandb_offline"):
-        OmegaConf.register_new_resolver("fmlab.wandb_offline", wandb_offline)
-    if not OmegaConf.has_resolver("fmlab.sweep_group"):
-        OmegaConf.register_new_resolver("fmlab.sweep_group", sweep_group)
+    for name, fn in RESOLVERS.items():
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)
+
+
+def model_objectives(conf_dir: Path = CONF_DIR) -> dict[str, dict[str, str]]:
+    """`objectives:` of every model file: model option -> {stage: objective} (a file's defaults included)."""
+    found: dict[str, dict[str, str]] = {}
+
+    def read(name: str) -> dict[str, str]:
+        if name not in found:
+            node = yaml.safe_load((conf_dir / "model" / f"{name}.yaml").read_text()) or {}
+            inherited = {}
+            for entry in node.get("defaults", []):
+                if isinstance(entry, str) and entry != "_self_" and (conf_dir / "model" / f"{entry}.yaml").is_file():
+                    inherited.update(read(entry))
+            found[name] = dict(node.get("objectives") or inherited)
+        return found[name]
+
+    for path in sorted((conf_dir / "model").glob("*.yaml")):
+        read(path.stem)
+    return found
+
+
+def register_objective_pairs(conf_dir: Path = CONF_DIR) -> None:
+    """`task=<model>_<stage>` for every stage a model file declares: a config whose defaults are that objective.
+    Registering them here keeps conf/task one file per objective, whatever the number of families."""
+    store = ConfigStore.instance()
+    for model, objectives in model_objectives(conf_dir).items():
+        for stage, objective in objectives.items():
+            store.store(group="task", name=f"{model}_{stage}", node={"defaults": [objective]})
 
 
 register_resolvers()
+register_objective_pairs()
 
 
 def compose_train_config(overrides: list[str], output_dir: Path | str | None = None) -> DictConfig:

@@ -9,29 +9,15 @@ from typing import Any
 
 import hydra
 import lightning as L
-import torch
 from omegaconf import DictConfig, OmegaConf
+from tokenizers import Tokenizer
 
+from fmlab.errors import UserError
+from fmlab.resolve import read_checkpoint
 from fmlab.runtime import build_trainer, rank_zero_print
-from fmlab.tasks.base import Task, to_plain
+from fmlab.tasks.base import load_task, to_plain
 
 log = logging.getLogger(__name__)
-
-
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"ckpt_path={path} does not exist")
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def load_task(path: str | Path, checkpoint: dict[str, Any]) -> Task:
-    """The task saved in `path`, rebuilt from the class and hyper-parameters the checkpoint names."""
-    if "task_class" not in checkpoint:
-        raise ValueError(f"{path} names no task class; it was not written by an fmlab task")
-    task_class = hydra.utils.get_class(checkpoint["task_class"])
-    log.info("Loading %s from %s", checkpoint["task_class"], path)
-    return task_class.load_from_checkpoint(path, map_location="cpu", weights_only=True)
 
 
 def data_node(cfg: DictConfig, checkpoint: dict[str, Any]) -> dict:
@@ -40,28 +26,27 @@ def data_node(cfg: DictConfig, checkpoint: dict[str, Any]) -> dict:
     chosen = {k: v for k, v in to_plain(cfg.get("data") or {}).items() if v is not None}  # unset: the run's value
     node = {**(saved or {}), **chosen}
     if "_target_" not in node:
-        raise ValueError(f"{cfg.ckpt_path} carries no data config; choose one with data=<preset> data._target_=...")
+        raise UserError(f"ckpt_path={cfg.ckpt_path}: carries no data config; choose one with data=<preset> "
+                        "data._target_=...")
     if "cache_dir" in node:
         node["cache_dir"] = cfg.paths.cache_dir
     return node
 
 
 def build_datamodule(cfg: DictConfig, checkpoint: dict[str, Any]) -> L.LightningDataModule:
-    """The data module, on the checkpoint's own tokenizer when the data would otherwise train or pick another."""
+    """The data module, on the checkpoint's own tokenizer wherever the data takes one."""
     node = data_node(cfg, checkpoint)
+    tokenizer = checkpoint.get("fmlab", {}).get("tokenizer")
+    if tokenizer and "tokenizer" in node:
+        node["tokenizer"] = Tokenizer.from_str(tokenizer)
     datamodule = hydra.utils.instantiate(node)
     datamodule.prepare_data()
-    tokenizer = checkpoint.get("fmlab", {}).get("tokenizer")
-    if tokenizer and "tokenizer" in node and datamodule.extra_state().get("tokenizer") != tokenizer:
-        log.info("The data's tokenizer differs from the checkpoint's; re-tokenizing with the checkpoint's")
-        datamodule = hydra.utils.instantiate({**node, "tokenizer": str(cfg.ckpt_path)})
-        datamodule.prepare_data()
     return datamodule
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Test metrics of `cfg.ckpt_path`, printed and written to `<run folder>/test_metrics.json`."""
-    checkpoint = read_checkpoint(cfg.ckpt_path)
+    checkpoint = read_checkpoint(cfg.ckpt_path, "ckpt_path")
     task = load_task(cfg.ckpt_path, checkpoint)
     datamodule = build_datamodule(cfg, checkpoint)
     if cfg.trainer.get("precision") is None:  # the precision the run was trained (and tested) in

@@ -13,7 +13,9 @@ from tokenizers import Tokenizer
 from torch import nn
 
 from fmlab.data.tokenizer import EOS, token_id
-from fmlab.tasks.base import build_model
+from fmlab.errors import UserError
+from fmlab.models.backbone import build_backbone
+from fmlab.resolve import model_node, model_state, read_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -21,17 +23,15 @@ log = logging.getLogger(__name__)
 def load_generator(ckpt_path: str | Path, device: str = "cpu") -> tuple[nn.Module, Tokenizer]:
     """The model (in eval mode) and tokenizer of an fmlab checkpoint, without Lightning or the training data."""
     path = Path(ckpt_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"ckpt_path={path} does not exist")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    model = build_model(checkpoint["hyper_parameters"]["model"])
+    checkpoint = read_checkpoint(path, "ckpt_path")
+    model = build_backbone(model_node(checkpoint, f"ckpt_path={path}"))
     if not hasattr(model, "generate"):
-        raise ValueError(f"{path} holds a {type(model).__name__}, which does not generate text; use a GPT checkpoint")
-    state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
-    model.load_state_dict(state)
+        raise UserError(f"ckpt_path={path}: holds a {type(model).__name__}, which does not generate text; use a "
+                        "GPT checkpoint")
+    model.load_state_dict(model_state(checkpoint))
     tokenizer_json = checkpoint.get("fmlab", {}).get("tokenizer")
     if tokenizer_json is None:
-        raise ValueError(f"{path} carries no tokenizer")
+        raise UserError(f"ckpt_path={path}: carries no tokenizer")
     return model.to(device).eval(), Tokenizer.from_str(tokenizer_json)
 
 

@@ -13,14 +13,17 @@ from typing import Any
 import hydra
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
+from tokenizers import Tokenizer
 
 import fmlab.config  # noqa: F401  (registers the config resolvers)
 from fmlab.config import is_multirun
-from fmlab.data.sources import DataError
+from fmlab.data.base import DataInfo
+from fmlab.errors import UserError
+from fmlab.resolve import Pretrained, load_pretrained, tokenizer_json
 from fmlab.resume import resolve_ckpt_path
 from fmlab.runtime import build_trainer, rank_zero_print
 from fmlab.tasks.base import Task, to_plain
-from fmlab.tasks.pretrained import load_pretrained
+from fmlab.tasks.pretrained import backbone_config, load_backbone
 
 log = logging.getLogger(__name__)
 
@@ -73,9 +76,29 @@ def data_config(cfg: DictConfig) -> dict:
     return node
 
 
-def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
-    log.info("Instantiating data <%s>", cfg.data._target_)
-    return hydra.utils.instantiate(data_config(cfg))
+def run_pretrained(cfg: DictConfig) -> Pretrained | None:
+    """The run's `pretrained=` source, resolved once (fmlab.resolve): backbone config, weights, tokenizer."""
+    return load_pretrained(str(cfg.pretrained)) if cfg.get("pretrained") else None
+
+
+def same_vocabulary(ours: str, theirs: str) -> bool:
+    return Tokenizer.from_str(ours).get_vocab() == Tokenizer.from_str(theirs).get_vocab()
+
+
+def build_datamodule(cfg: DictConfig, pretrained: Pretrained | None = None) -> L.LightningDataModule:
+    """The data module of `cfg.data`; a text module gets the pretrained source's tokenizer (unless data.tokenizer
+    names one, which must then be the same)."""
+    node = data_config(cfg)
+    if pretrained is not None and pretrained.tokenizer is not None and "tokenizer" in node:
+        chosen = node.get("tokenizer")
+        if chosen and not same_vocabulary(tokenizer_json(str(chosen)), pretrained.tokenizer):
+            raise UserError(
+                f"data.tokenizer={chosen}: not the tokenizer pretrained={pretrained.source} was trained with; "
+                "leave data.tokenizer unset to use the pretrained source's"
+            )
+        node["tokenizer"] = Tokenizer.from_str(pretrained.tokenizer)
+    log.info("Instantiating data <%s>", node["_target_"])
+    return hydra.utils.instantiate(node)
 
 
 def optimized_value(trainer: L.Trainer, name: str | None) -> float | None:
@@ -87,25 +110,21 @@ def optimized_value(trainer: L.Trainer, name: str | None) -> float | None:
     return None if metric is None else float(metric)
 
 
-def build_task(cfg: DictConfig, datamodule: L.LightningDataModule) -> Task:
-    """The LightningModule of `cfg.task`, with the model config completed by what the data decides."""
-    data_overrides = datamodule.model_overrides()
-    model_cfg = {**to_plain(cfg.model), **data_overrides}
-    pretrained = None
-    if cfg.get("pretrained"):
-        # The backbone's architecture and tokenizer come from the pretrained source (fmlab/tasks/pretrained.py).
-        pretrained = load_pretrained(cfg.pretrained)
-        pretrained.check_tokenizer(datamodule.extra_state().get("tokenizer"))
-        model_cfg = pretrained.model_config(to_plain(cfg.model), data_overrides)
-    max_length, block_size = getattr(datamodule, "max_length", None), model_cfg.get("block_size")
-    if max_length and block_size and max_length > block_size:
-        raise DataError(f"data.max_length={max_length} exceeds the model's block_size={block_size}; lower it")
-    task_args = datamodule.task_overrides() if hasattr(datamodule, "task_overrides") else {}
-    log.info("Instantiating task <%s>", cfg.task._target_)
-    task = hydra.utils.instantiate(cfg.task, model=model_cfg, **task_args, _recursive_=False)
+def build_task(cfg: DictConfig, datamodule: L.LightningDataModule, pretrained: Pretrained | None = None) -> Task:
+    """The LightningModule of `cfg.task`, with the model config completed by what the data decides
+    (`datamodule.describe()`) and, given a pretrained source, its architecture and weights."""
+    info: DataInfo = datamodule.describe()
+    model_cfg = {**to_plain(cfg.model), **info.model}
     if pretrained is not None:
-        pretrained.load_into(task.model)
-    task.extra_state.update(datamodule.extra_state())
+        model_cfg = backbone_config(pretrained, to_plain(cfg.model), info.model)
+    block_size = model_cfg.get("block_size")
+    if info.max_length and block_size and info.max_length > block_size:
+        raise UserError(f"data.max_length={info.max_length} exceeds the model's block_size={block_size}; lower it")
+    log.info("Instantiating task <%s>", cfg.task._target_)
+    task = hydra.utils.instantiate(cfg.task, model=model_cfg, **info.task, _recursive_=False)
+    if pretrained is not None:
+        load_backbone(task.model, pretrained)
+    task.extra_state.update(info.state)
     return task
 
 
@@ -150,9 +169,10 @@ def train(cfg: DictConfig) -> float | None:
     L.seed_everything(cfg.seed, workers=True)
     ckpt_path = resolve_ckpt_path(cfg)  # ckpt_path=<file>, or resume=auto / ckpt_path=last
 
-    datamodule = build_datamodule(cfg)
+    pretrained = run_pretrained(cfg)
+    datamodule = build_datamodule(cfg, pretrained)
     datamodule.prepare_data()
-    task = build_task(cfg, datamodule)
+    task = build_task(cfg, datamodule, pretrained)
     # What eval.py rebuilds the test from: the data, and the precision the run reports its test metrics in.
     task.extra_state.update(data=data_config(cfg), precision=str(cfg.trainer.precision))
     if cfg.get("compile"):
@@ -164,8 +184,9 @@ def train(cfg: DictConfig) -> float | None:
     resolved = OmegaConf.to_container(cfg, resolve=True)
     for logger in loggers:
         logger.log_hyperparams(resolved)
-    if getattr(datamodule, "tokenizer", None) is not None and trainer.is_global_zero:
-        datamodule.tokenizer.save(str(run_dir / "tokenizer.json"))
+    tokenizer = datamodule.describe().tokenizer
+    if tokenizer is not None and trainer.is_global_zero:
+        tokenizer.save(str(run_dir / "tokenizer.json"))
 
     initial: dict[str, float] = {}
     if cfg.get("validate_before_fit") and not ckpt_path:

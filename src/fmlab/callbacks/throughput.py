@@ -105,7 +105,8 @@ class Throughput(L.Callback):
         # A task whose objective changes the cost (MAE encodes a quarter of the patches) reports it itself.
         model = pl_module if hasattr(pl_module, "flops_per_sample") else getattr(pl_module, "model", pl_module)
         self.flops_per_sample = float(model.flops_per_sample()) if hasattr(model, "flops_per_sample") else None
-        self.tokens_per_sample = int(model.tokens_per_sample()) if hasattr(model, "tokens_per_sample") else None
+        tokens = model.tokens_per_sample() if hasattr(model, "tokens_per_sample") else None
+        self.tokens_per_sample = int(tokens) if tokens else None
         self.unit = getattr(model, "sample_unit", "samples")
         self.peak = self.peak_flops or self._device_peak(trainer, pl_module)
         if self.flops_per_sample is None:

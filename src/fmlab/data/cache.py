@@ -1,19 +1,43 @@
-"""Prepared-data caches: one folder per key, published whole or not at all."""
+"""Prepared-data caches: one folder per key, built by one process at a time, published whole or not at all."""
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import logging
 import os
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+log = logging.getLogger(__name__)
+
 
 def cache_key(spec: dict) -> str:
     """A short hash of everything that changes the cached content."""
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@contextmanager
+def locked(final: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `<final>.lock`, beside the cache folder, for the block.
+
+    Processes that share a cache (DDP ranks, sweep jobs) then build a key one at a time; the lock file is kept,
+    because unlinking it would let a third process lock a fresh file while the second still waits on the old one.
+    """
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with open(final.with_name(f"{final.name}.lock"), "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("Waiting for another process to finish %s", final)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 @contextmanager

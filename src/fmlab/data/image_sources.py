@@ -1,4 +1,5 @@
-"""Reading labeled images into uint8 tensors: IDX files (Fashion-MNIST), class-per-folder trees, HF datasets.
+"""Reading labeled images into uint8 tensors: image presets by name (Fashion-MNIST, IDX files), else a
+class-per-folder tree or a saved HF dataset.
 
 Every reader returns `ImageSplits`: per split, images (N, C, H, W) uint8 and labels (N,) int64, plus the class
 names. Errors are `DataError`s that name the file or option at fault.
@@ -16,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fmlab.data.sources import DataError
+from fmlab.data.sources import SPLIT_NAMES, DataError, Preset, is_hf_dataset, load_hf_dataset, register_preset
 
 log = logging.getLogger(__name__)
 
@@ -110,17 +111,16 @@ def read_fashion_mnist(root: str | None, download_dir: Path) -> ImageSplits:
     return ImageSplits(splits, list(FASHION_MNIST_CLASSES))
 
 
-def fashion_mnist_fingerprint(root: str | None, download_dir: Path) -> list:
+def fashion_mnist_files(root: str | None, download_dir: Path) -> list[Path]:
+    """The four IDX files the preset reads (found, or downloaded, as `read_fashion_mnist` finds them)."""
     folder = fashion_mnist_folder(root, download_dir)
-    files = [_find_idx(folder, s) for pair in FASHION_MNIST_FILES.values() for s in pair]
-    return [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    return [_find_idx(folder, s) for pair in FASHION_MNIST_FILES.values() for s in pair]
+
+
+register_preset(Preset("fashion_mnist", "images", read=read_fashion_mnist, files=fashion_mnist_files))
 
 
 # ---- class-per-folder trees and HF datasets saved to disk ---------------------------------------------------
-
-
-def is_hf_dataset(root: Path) -> bool:
-    return (root / "dataset_dict.json").is_file() or (root / "state.json").is_file()
 
 
 def folder_splits(root: Path) -> dict[str, Path]:
@@ -239,11 +239,8 @@ def _open_stored(data: bytes | None, path: str | None):
 
 def hf_items(root: Path, image_column: str = "image", label_column: str = "label"):
     """Items of a `datasets` Dataset/DatasetDict saved to disk; split names train / validation(val) / test."""
-    from datasets import Dataset, load_from_disk
-
-    loaded = load_from_disk(str(root))
-    parts_in = {"train": loaded} if isinstance(loaded, Dataset) else dict(loaded)
-    renamed = {"validation": "val"}
+    parts_in = load_hf_dataset(root)
+    renamed = {**SPLIT_NAMES, "all": "train"}  # a lone Dataset is all training images
     parts, names = {}, []
     for split, ds in parts_in.items():
         for column in (image_column, label_column):
@@ -263,12 +260,3 @@ def hf_items(root: Path, image_column: str = "image", label_column: str = "label
     if not names:
         names = [str(i) for i in range(int(max(int(r[2]) for r in parts["train"])) + 1)]
     return parts, names
-
-
-def source_fingerprint(source: str) -> list:
-    """Paths, sizes and mtimes of every file under a folder source, for cache keys."""
-    root = Path(source).expanduser()
-    if not root.is_dir():
-        raise DataError(f"data.source: no such folder: {source}")
-    files = sorted(p for p in root.rglob("*") if p.is_file())
-    return [(str(f.relative_to(root)), f.stat().st_size, f.stat().st_mtime_ns) for f in files] + [str(root.resolve())]

@@ -13,28 +13,18 @@ from functools import lru_cache
 from pathlib import Path
 
 import hydra
-import lightning as L
 import numpy as np
 import torch
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
-from fmlab.data.cache import cache_key, publish
-from fmlab.data.image_sources import (
-    ImageSplits,
-    fashion_mnist_fingerprint,
-    read_fashion_mnist,
-    read_image_source,
-    source_fingerprint,
-)
-from fmlab.data.resumable import resumable_loader
+from fmlab.data.base import CachedDataModule, DataInfo
+from fmlab.data.image_sources import ImageSplits, read_image_source
 from fmlab.data.sampling import few_label_indices, stratified_split
-from fmlab.data.sources import DataError
+from fmlab.data.sources import DataError, Preset, find_preset, fingerprint
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = 1
-PRESETS = ("fashion_mnist",)
 
 
 def pixel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
@@ -103,13 +93,15 @@ def _load_cached(path: str) -> tuple[dict, dict[str, tuple[torch.Tensor, torch.T
     return meta, splits
 
 
-class ImageDataModule(L.LightningDataModule):
+class ImageDataModule(CachedDataModule):
     """A labeled image source for pre-training (labels ignored) or few-label fine-tuning.
 
     `source` is a preset (`fashion_mnist`), a class-per-subfolder tree or an HF dataset saved to disk. The
     official training split is split (stratified, seeded) into train and validation; `test` is the official test
     split (the validation split where the source has none).
     """
+
+    cache_title = "image"
 
     def __init__(
         self,
@@ -132,11 +124,11 @@ class ImageDataModule(L.LightningDataModule):
         num_workers: int = 0,
         cache_dir: str = "~/.cache/fmlab",
     ) -> None:
-        super().__init__()
+        super().__init__(cache_dir=cache_dir, batch_size=batch_size, num_workers=num_workers, seed=seed)
         self.source, self.root = str(source), root
         self.labeled = labeled
         self.label_fraction, self.labels_per_class = label_fraction, labels_per_class
-        self.val_fraction, self.seed = val_fraction, seed
+        self.val_fraction = val_fraction
         self.img_size = None if img_size is None else (
             (int(img_size), int(img_size)) if isinstance(img_size, int) else tuple(int(s) for s in img_size)
         )
@@ -144,9 +136,7 @@ class ImageDataModule(L.LightningDataModule):
         self.augment = dict(OmegaConf.to_container(augment) if OmegaConf.is_config(augment) else augment or {})
         self.mean, self.std = (list(mean) if mean else None), (list(std) if std else None)
         self.skip_bad_files = skip_bad_files
-        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
-        self.num_workers = num_workers
-        self.cache_root = Path(cache_dir).expanduser()
+        self.eval_batch_size = eval_batch_size or batch_size
         self.label_names: list[str] = []
         self.train_set = self.val_set = self.test_set = None
         if self.channels not in (None, 1, 3):
@@ -155,44 +145,45 @@ class ImageDataModule(L.LightningDataModule):
     # ---- decoding and caching ------------------------------------------------------------------------------
 
     @property
-    def is_preset(self) -> bool:
-        return self.source in PRESETS
+    def preset(self) -> Preset | None:
+        return find_preset(self.source, "images")
 
     @property
-    def cache_path(self) -> Path:
-        """Cache folder keyed by the source's bytes and what decoding does to them (channels, size)."""
-        if self.is_preset:
-            spec = {"preset": self.source, "files": fashion_mnist_fingerprint(self.root, self.cache_root)}
-        else:  # folders are decoded at the model's size and channel count
-            spec = {"files": source_fingerprint(self.source), "channels": self.channels, "size": self.img_size}
-        spec.update(version=CACHE_VERSION, skip_bad_files=self.skip_bad_files)
-        key = cache_key(spec)
-        name = self.source if self.is_preset else Path(self.source).name
-        return self.cache_root / f"images-{name}-{key}"
+    def cache_prefix(self) -> str:
+        # The source's name stays readable in the folder's name.
+        return f"images-{self.source if self.preset else Path(self.source).name}"
+
+    @property
+    def preset_options(self) -> dict:
+        """What a preset's reader and file list take: a folder of its files, else where to download them."""
+        return {"root": self.root, "download_dir": self.cache_root}
+
+    def cache_spec(self) -> dict:
+        """The source's bytes and what decoding does to them (folders are decoded at the model's channels, size)."""
+        if self.preset:
+            spec = {"preset": self.source, "files": fingerprint(self.source, **self.preset_options)}
+        else:
+            spec = {"files": fingerprint(self.source), "channels": self.channels, "size": self.img_size}
+        return {**spec, "skip_bad_files": self.skip_bad_files}
 
     def read_source(self) -> ImageSplits:
-        if self.is_preset:
-            return read_fashion_mnist(self.root, self.cache_root)
+        if self.preset:
+            return self.preset.read(**self.preset_options)
         return read_image_source(self.source, self.channels, self.img_size, self.skip_bad_files)
 
-    def prepare_data(self) -> None:
-        """Decode the source into the cache (uint8 .npy per split) unless an identical cache exists."""
-        final = self.cache_path
-        if (final / "meta.json").is_file():
-            log.info("Reusing image cache %s", final)
-            return
-        log.info("Decoding %s into %s", self.source, final)
+    def build_cache(self, folder: Path) -> dict:
+        """Decode the source into uint8 .npy files, images and labels per split."""
+        log.info("Decoding %s", self.source)
         decoded = self.read_source()
-        meta = {
+        for split, (images, labels) in decoded.splits.items():
+            np.save(folder / f"{split}_images.npy", images.numpy())
+            np.save(folder / f"{split}_labels.npy", labels.numpy())
+        return {
             "source": self.source,
             "splits": sorted(decoded.splits),
             "sizes": {s: len(v[1]) for s, v in decoded.splits.items()},
             "label_names": decoded.label_names,
         }
-        with publish(final, meta) as tmp:
-            for split, (images, labels) in decoded.splits.items():
-                np.save(tmp / f"{split}_images.npy", images.numpy())
-                np.save(tmp / f"{split}_labels.npy", labels.numpy())
 
     # ---- splits ---------------------------------------------------------------------------------------------
 
@@ -229,10 +220,9 @@ class ImageDataModule(L.LightningDataModule):
             steps.append(hydra.utils.instantiate(node, **extra))
         return v2.Compose(steps) if steps else None
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.train_set is not None:
-            return
-        meta, splits = _load_cached(str(self.cache_path))
+    def load(self, folder: Path, meta: dict) -> None:
+        """Channels converted, train/validation split, few labels drawn, normalisation fixed, augmentation built."""
+        _, splits = _load_cached(str(folder))
         self.label_names = list(meta["label_names"])
         images, labels = splits["train"]
         images = self._check_channels(images)
@@ -285,41 +275,27 @@ class ImageDataModule(L.LightningDataModule):
         self.setup()
         return (self.train_set.images.shape[1], *self.train_set.size)
 
-    def model_overrides(self) -> dict:
+    def describe(self) -> DataInfo:
         chans, h, w = self.image_shape
-        return {"in_chans": chans, "img_size": h if h == w else [h, w]}
-
-    def task_overrides(self) -> dict:
-        return {"num_labels": len(self.label_names)} if self.labeled else {}
-
-    def extra_state(self) -> dict:
-        """What a checkpoint must carry to be used without this data module."""
-        self.setup()
-        chans, h, w = self.image_shape
-        return {
-            "labels": self.label_names,
-            "normalization": {"mean": self.mean, "std": self.std},
-            "image_shape": [chans, h, w],
-        }
+        return DataInfo(
+            model={"in_chans": chans, "img_size": h if h == w else [h, w]},
+            task={"num_labels": len(self.label_names)} if self.labeled else {},
+            state={
+                "labels": self.label_names,
+                "normalization": {"mean": self.mean, "std": self.std},
+                "image_shape": [chans, h, w],
+            },
+        )
 
     # ---- loaders ----------------------------------------------------------------------------------------------
 
     def train_dataloader(self) -> DataLoader:
-        # Seeded, rank-sharded and resumable mid-epoch (fmlab/data/resumable.py); few labels: keep every image.
-        return resumable_loader(
-            self.train_set, self.batch_size, shuffle=True, seed=self.seed,
-            drop_last=not self.labeled and len(self.train_set) >= self.batch_size,
-            num_workers=self.num_workers, trainer=self.trainer, collate_fn=_as_is,
-        )
-
-    def _eval_loader(self, dataset: ImageBatches) -> DataLoader:
-        return DataLoader(
-            dataset, batch_size=self.eval_batch_size, collate_fn=_as_is,
-            num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
-        )
+        # Few labels: keep every image (no drop_last).
+        drop_last = not self.labeled and len(self.train_set) >= self.batch_size
+        return self.train_loader(self.train_set, drop_last=drop_last, collate_fn=_as_is)
 
     def val_dataloader(self) -> DataLoader:
-        return self._eval_loader(self.val_set)
+        return self.eval_loader(self.val_set, self.eval_batch_size, collate_fn=_as_is)
 
     def test_dataloader(self) -> DataLoader:
-        return self._eval_loader(self.test_set)
+        return self.eval_loader(self.test_set, self.eval_batch_size, collate_fn=_as_is)

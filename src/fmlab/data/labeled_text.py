@@ -2,90 +2,24 @@
 
 from __future__ import annotations
 
-import json
 import logging
+from functools import cached_property
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import torch
 from tokenizers import Tokenizer
 from tokenizers.processors import TemplateProcessing
 from torch.utils.data import DataLoader, Dataset
 
-from fmlab.data.cache import cache_key, publish
-from fmlab.data.resumable import resumable_loader
+from fmlab.data.base import CachedDataModule, DataInfo
 from fmlab.data.sampling import few_label_indices, stratified_split
-from fmlab.data.sources import (
-    DataError,
-    deduplicate,
-    read_bbc_news,
-    read_records,
-    resolve_files,
-    resolve_path,
-    source_fingerprint,
-)
-from fmlab.data.tokenizer import find_token, load_tokenizer, tokenizer_fingerprint, train_bpe
+from fmlab.data.sources import DataError, deduplicate, fingerprint, read_split_table
+from fmlab.data.tokenizer import as_tokenizer, find_token, tokenizer_hash, train_bpe
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = 1
 SPLITS = ("train", "val", "test")
-SPLIT_NAMES = {"train": "train", "validation": "val", "val": "val", "valid": "val", "dev": "val", "test": "test"}
 PAD_TOKENS = ("<pad>", "[PAD]")
-
-
-def is_hf_dataset(path: Path) -> bool:
-    """A folder written by `datasets` `save_to_disk` (a Dataset or a DatasetDict)."""
-    return path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file())
-
-
-def read_hf_dataset(path: Path, columns: list[str]) -> dict[str, list[dict]]:
-    try:
-        from datasets import DatasetDict, load_from_disk
-    except ImportError as err:
-        raise DataError(f"data.source={path} is a saved Hugging Face dataset: pip install datasets") from err
-
-    loaded = load_from_disk(str(path))
-    parts = dict(loaded) if isinstance(loaded, DatasetDict) else {"all": loaded}
-    out = {}
-    for split, ds in parts.items():
-        missing = [c for c in columns if c not in ds.column_names]
-        if missing:
-            raise DataError(f"{path} ({split} split): no column {missing[0]!r}; columns present: {ds.column_names}")
-        out[SPLIT_NAMES.get(split, split)] = ds.select_columns(columns).to_list()
-    return out
-
-
-def read_labeled_splits(source: str, columns: list[str]) -> dict[str, list[dict]]:
-    """Records per given split ("train"/"val"/"test"), or {"all": records} when the source has no splits.
-
-    A folder whose files are named train.*, validation.* / val.* / dev.*, test.* gives those splits.
-    """
-    if source == "bbc_news":
-        records = read_bbc_news()
-        missing = [c for c in columns if c not in records[0]]
-        if missing:
-            raise DataError(f"data.source=bbc_news: no column {missing[0]!r}; columns present: {sorted(records[0])}")
-        return {"all": records}
-    path = resolve_path(source)
-    if is_hf_dataset(path):
-        return read_hf_dataset(path, columns)
-    files = resolve_files(source)
-    split_of = {f: SPLIT_NAMES.get(f.stem.lower()) for f in files}
-    if path.is_dir() and all(split_of.values()):
-        out: dict[str, list[dict]] = {}
-        for f, split in split_of.items():
-            out.setdefault(split, []).extend(read_records(str(f), columns))
-        return out
-    return {"all": read_records(source, columns)}
-
-
-def fingerprint(source: str) -> list:
-    path = resolve_path(source)
-    if source != "bbc_news" and is_hf_dataset(path):
-        files = sorted(p for p in path.rglob("*") if p.is_file())
-        return [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
-    return source_fingerprint(source)
 
 
 def label_order(name: str) -> tuple:
@@ -160,12 +94,15 @@ class PadCollate:
         return batch
 
 
-class LabeledTextDataModule(L.LightningDataModule):
+class LabeledTextDataModule(CachedDataModule):
     """Texts (optionally pairs) with a class or a number per row, for sequence classification or regression.
 
     Splits: the source's own train/val/test where it has them, else a stratified, seeded split. Few labels:
-    `label_fraction` or `labels_per_class` subsample the training split only (stratified, seeded).
+    `label_fraction` or `labels_per_class` subsample the training split only (stratified, seeded). `tokenizer`:
+    a source to load one from, a `tokenizers.Tokenizer`, or None to train a BPE on the training split.
     """
+
+    cache_prefix, cache_title = "labeled", "labeled-data"
 
     def __init__(
         self,
@@ -173,7 +110,7 @@ class LabeledTextDataModule(L.LightningDataModule):
         text_column: str = "text",
         text_pair_column: str | None = None,
         label_column: str = "label",
-        tokenizer: str | None = None,
+        tokenizer: str | Tokenizer | None = None,
         vocab_size: int = 8192,
         max_length: int = 256,
         template: str | None = None,
@@ -189,18 +126,16 @@ class LabeledTextDataModule(L.LightningDataModule):
         num_workers: int = 0,
         cache_dir: str = "~/.cache/fmlab",
     ) -> None:
-        super().__init__()
-        self.source, self.tokenizer_path = str(source), tokenizer
+        super().__init__(cache_dir=cache_dir, batch_size=batch_size, num_workers=num_workers, seed=seed)
+        self.source, self.tokenizer_source = str(source), tokenizer
         self.text_column, self.text_pair_column, self.label_column = text_column, text_pair_column, label_column
         self.vocab_size_wanted, self.max_length = vocab_size, max_length
         self.template, self.pair_template, self.regression = template, pair_template, regression
-        self.val_fraction, self.test_fraction, self.seed = val_fraction, test_fraction, seed
+        self.val_fraction, self.test_fraction = val_fraction, test_fraction
         self.label_fraction, self.labels_per_class = label_fraction, labels_per_class
         # Few-label draws can vary while the train/val/test split (seed) stays fixed, as in a multi-seed study.
         self.label_seed = seed if label_seed is None else label_seed
-        self.batch_size, self.num_workers = batch_size, num_workers
-        self.cache_root = Path(cache_dir).expanduser()
-        self.tokenizer: Tokenizer | None = None
+        self.tokenizer: Tokenizer | None = None  # the cache's (framed, truncating), after setup
         self.meta: dict = {}
         self.datasets: dict[str, TokenizedExamples] = {}
 
@@ -208,19 +143,22 @@ class LabeledTextDataModule(L.LightningDataModule):
     def columns(self) -> list[str]:
         return [c for c in (self.text_column, self.text_pair_column, self.label_column) if c]
 
-    @property
-    def cache_path(self) -> Path:
-        spec = {
-            "version": CACHE_VERSION,
+    @cached_property
+    def given_tokenizer(self) -> Tokenizer | None:
+        """The tokenizer handed in (loaded once from its source), None when one is trained on the training split."""
+        return None if self.tokenizer_source is None else as_tokenizer(self.tokenizer_source)
+
+    def cache_spec(self) -> dict:
+        given = self.given_tokenizer
+        return {
             "source": fingerprint(self.source),
             "columns": self.columns,
-            "tokenizer": tokenizer_fingerprint(self.tokenizer_path) if self.tokenizer_path else self.vocab_size_wanted,
+            "tokenizer": tokenizer_hash(given) if given is not None else {"bpe_vocab_size": self.vocab_size_wanted},
             "max_length": self.max_length,
             "template": [self.template, self.pair_template],
             "regression": self.regression,
             "split": [self.val_fraction, self.test_fraction, self.seed],
         }
-        return self.cache_root / f"labeled-{cache_key(spec)}"
 
     def clean(self, records: list[dict], split: str) -> list[dict]:
         """Drop rows with empty text or no label, with a warning that counts them."""
@@ -287,8 +225,8 @@ class LabeledTextDataModule(L.LightningDataModule):
         return out, names
 
     def load_or_train_tokenizer(self, train: list[dict]) -> Tokenizer:
-        if self.tokenizer_path:
-            tok = load_tokenizer(self.tokenizer_path)
+        if self.given_tokenizer is not None:  # a copy: the framing and truncation below must not reach the caller's
+            tok = Tokenizer.from_str(self.given_tokenizer.to_str())
         else:
             texts = [str(r[c]) for r in train for c in (self.text_column, self.text_pair_column) if c]
             tok = train_bpe(texts, self.vocab_size_wanted)
@@ -312,44 +250,35 @@ class LabeledTextDataModule(L.LightningDataModule):
             arrays["type_ids"] = np.fromiter((i for e in encs for i in e.type_ids), dtype=np.int8)
         return arrays
 
-    def prepare_data(self) -> None:
-        """Read, clean, split and tokenize into the cache unless an identical cache exists."""
-        final = self.cache_path
-        if (final / "meta.json").is_file():
-            log.info("Reusing labeled-data cache %s", final)
-            return
-        log.info("Tokenizing %s into %s", self.source, final)
-        parts = read_labeled_splits(self.source, self.columns)
+    def build_cache(self, folder: Path) -> dict:
+        """Read, clean, split and tokenize every split into the scratch folder."""
+        log.info("Tokenizing %s", self.source)
+        parts = read_split_table(self.source, self.columns)
         parts = self.split({s: self.clean(r, s) for s, r in parts.items()})
         labels, names = self.encode_labels(parts)
         tok = self.load_or_train_tokenizer(parts["train"])
-        meta = {
+        tok.save(str(folder / "tokenizer.json"))
+        for s in SPLITS:
+            np.savez(folder / f"{s}.npz", labels=labels[s], **self.encode(tok, parts[s]))
+        examples = {s: len(parts[s]) for s in SPLITS}
+        log.info("Labeled data: %s examples, labels %s", examples, names)
+        return {
             "source": self.source,
             "labels": names,
             "regression": names is None,
-            "examples": {s: len(parts[s]) for s in SPLITS},
+            "examples": examples,
             "vocab_size": tok.get_vocab_size(),
         }
-        with publish(final, meta) as tmp:
-            tok.save(str(tmp / "tokenizer.json"))
-            for s in SPLITS:
-                np.savez(tmp / f"{s}.npz", labels=labels[s], **self.encode(tok, parts[s]))
-        log.info("Labeled data: %s examples, labels %s", meta["examples"], names)
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.datasets:
-            return
-        path = self.cache_path
-        if not (path / "meta.json").is_file():
-            self.prepare_data()
-        self.meta = json.loads((path / "meta.json").read_text())
-        self.tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
-        arrays = {s: dict(np.load(path / f"{s}.npz")) for s in SPLITS}
-        train_labels = arrays["train"]["labels"]
-        if self.meta["regression"] and self.labels_per_class is not None:
+    def load(self, folder: Path, meta: dict) -> None:
+        """The cached splits, the training split subsampled to the few labels asked for."""
+        if meta["regression"] and self.labels_per_class is not None:
             raise DataError("data.labels_per_class needs class labels; use data.label_fraction for regression")
-        strata = np.zeros(len(train_labels)) if self.meta["regression"] else train_labels
+        arrays = {s: dict(np.load(folder / f"{s}.npz")) for s in SPLITS}
+        train_labels = arrays["train"]["labels"]
+        strata = np.zeros(len(train_labels)) if meta["regression"] else train_labels
         keep = few_label_indices(strata, self.label_fraction, self.labels_per_class, self.label_seed)
+        self.meta, self.tokenizer = meta, Tokenizer.from_file(str(folder / "tokenizer.json"))
         self.datasets = {
             "train": TokenizedExamples(arrays["train"], keep),
             "val": TokenizedExamples(arrays["val"]),
@@ -363,39 +292,27 @@ class LabeledTextDataModule(L.LightningDataModule):
         self.setup()
         return 1 if self.meta["regression"] else len(self.meta["labels"])
 
-    def model_overrides(self) -> dict:
-        """Model config fields that the data decides."""
+    def describe(self) -> DataInfo:
         self.setup()
-        return {"vocab_size": self.tokenizer.get_vocab_size()}
-
-    def task_overrides(self) -> dict:
-        """Task arguments that the data decides."""
-        return {"num_labels": self.num_labels}
-
-    def extra_state(self) -> dict:
-        """What a checkpoint must carry to be used without this data module: tokenizer, label names."""
-        self.setup()
-        return {"tokenizer": self.tokenizer.to_str(), "labels": self.meta["labels"],
-                "regression": self.meta["regression"]}
-
-    def dataloader(self, split: str, shuffle: bool = False) -> DataLoader:
-        pad = find_token(self.tokenizer, PAD_TOKENS)
-        return DataLoader(
-            self.datasets[split], batch_size=self.batch_size, shuffle=shuffle,
-            collate_fn=PadCollate(pad if pad is not None else 0),
-            num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+        return DataInfo(
+            model={"vocab_size": self.tokenizer.get_vocab_size()},
+            task={"num_labels": self.num_labels},
+            state={"tokenizer": self.tokenizer.to_str(), "labels": self.meta["labels"],
+                   "regression": self.meta["regression"]},
+            tokenizer=self.tokenizer,
+            max_length=self.max_length,
         )
+
+    def collate(self) -> PadCollate:
+        pad = find_token(self.tokenizer, PAD_TOKENS)
+        return PadCollate(pad if pad is not None else 0)
 
     def train_dataloader(self) -> DataLoader:
-        # Seeded, rank-sharded and resumable mid-epoch (fmlab/data/resumable.py); few labels: keep every example.
-        pad = find_token(self.tokenizer, PAD_TOKENS)
-        return resumable_loader(
-            self.datasets["train"], self.batch_size, shuffle=True, seed=self.seed, drop_last=False,
-            num_workers=self.num_workers, trainer=self.trainer, collate_fn=PadCollate(pad if pad is not None else 0),
-        )
+        # Few labels: keep every example (no drop_last).
+        return self.train_loader(self.datasets["train"], drop_last=False, collate_fn=self.collate())
 
     def val_dataloader(self) -> DataLoader:
-        return self.dataloader("val")
+        return self.eval_loader(self.datasets["val"], collate_fn=self.collate())
 
     def test_dataloader(self) -> DataLoader:
-        return self.dataloader("test")
+        return self.eval_loader(self.datasets["test"], collate_fn=self.collate())

@@ -2,24 +2,21 @@
 
 from __future__ import annotations
 
-import json
 import logging
+from functools import cached_property
 from itertools import chain
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import torch
 from tokenizers import Tokenizer
 from torch.utils.data import DataLoader, Dataset
 
-from fmlab.data.cache import cache_key, publish
-from fmlab.data.resumable import resumable_loader
-from fmlab.data.sources import DataError, read_texts, source_fingerprint
-from fmlab.data.tokenizer import EOS, load_tokenizer, token_id, tokenizer_fingerprint, train_bpe
+from fmlab.data.base import CachedDataModule, DataInfo
+from fmlab.data.sources import DataError, fingerprint, read_texts
+from fmlab.data.tokenizer import EOS, as_tokenizer, token_id, tokenizer_hash, train_bpe
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = 1
 
 
 def split_documents(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -56,14 +53,17 @@ class PackedWindows(Dataset):
         return torch.from_numpy(self.tokens[start : start + self.block_size + 1].astype(np.int64))
 
 
-class TextCorpusDataModule(L.LightningDataModule):
-    """A text corpus (preset, file, folder or glob) packed into `block_size` windows for LM pre-training."""
+class TextCorpusDataModule(CachedDataModule):
+    """A text corpus (preset, file, folder, glob or saved HF dataset) packed into `block_size` windows for LM
+    pre-training. `tokenizer`: a source to load one from, a `tokenizers.Tokenizer`, or None to train a BPE."""
+
+    cache_prefix, cache_title = "corpus", "token"
 
     def __init__(
         self,
         source: str = "bbc_news",
         text_column: str = "text",
-        tokenizer: str | None = None,
+        tokenizer: str | Tokenizer | None = None,
         vocab_size: int = 8192,
         block_size: int = 256,
         val_fraction: float = 0.05,
@@ -72,96 +72,79 @@ class TextCorpusDataModule(L.LightningDataModule):
         num_workers: int = 0,
         cache_dir: str = "~/.cache/fmlab",
     ) -> None:
-        super().__init__()
-        self.source, self.text_column, self.tokenizer_path = str(source), text_column, tokenizer
-        self.vocab_size_wanted, self.block_size = vocab_size, block_size
-        self.val_fraction, self.seed = val_fraction, seed
-        self.batch_size, self.num_workers = batch_size, num_workers
-        self.cache_root = Path(cache_dir).expanduser()
-        self.tokenizer: Tokenizer | None = None
+        super().__init__(cache_dir=cache_dir, batch_size=batch_size, num_workers=num_workers, seed=seed)
+        self.source, self.text_column, self.tokenizer_source = str(source), text_column, tokenizer
+        self.vocab_size_wanted, self.block_size, self.val_fraction = vocab_size, block_size, val_fraction
+        self.tokenizer: Tokenizer | None = None  # the cache's, after setup
         self.train_set: PackedWindows | None = None
         self.val_set: PackedWindows | None = None
 
-    @property
-    def cache_path(self) -> Path:
-        """Cache folder keyed by everything that changes the tokens: source bytes, tokenizer, split."""
-        spec = {
-            "version": CACHE_VERSION,
-            "source": source_fingerprint(self.source),
+    @cached_property
+    def given_tokenizer(self) -> Tokenizer | None:
+        """The tokenizer handed in (loaded once from its source), None when one is trained on the corpus."""
+        return None if self.tokenizer_source is None else as_tokenizer(self.tokenizer_source)
+
+    def cache_spec(self) -> dict:
+        given = self.given_tokenizer
+        return {
+            "source": fingerprint(self.source),
             "text_column": self.text_column,
-            "tokenizer": tokenizer_fingerprint(self.tokenizer_path) if self.tokenizer_path else self.vocab_size_wanted,
+            "tokenizer": tokenizer_hash(given) if given is not None else {"bpe_vocab_size": self.vocab_size_wanted},
             "val_fraction": self.val_fraction,
             "seed": self.seed,
         }
-        return self.cache_root / f"corpus-{cache_key(spec)}"
 
-    def prepare_data(self) -> None:
-        """Tokenize the corpus into the cache unless an identical cache exists."""
-        final = self.cache_path
-        if (final / "meta.json").is_file():
-            log.info("Reusing token cache %s", final)
-            return
-        log.info("Tokenizing %s into %s", self.source, final)
+    def build_cache(self, folder: Path) -> dict:
+        """Read, split by document, train or take the tokenizer, and write one flat token file per split."""
+        log.info("Tokenizing %s", self.source)
         texts = read_texts(self.source, self.text_column)
         train_idx, val_idx = split_documents(len(texts), self.val_fraction, self.seed)
         train_texts = [texts[i] for i in train_idx]
-        if self.tokenizer_path:
-            tok = load_tokenizer(self.tokenizer_path)
-        else:
-            tok = train_bpe(train_texts, self.vocab_size_wanted)
-        meta = {
+        tok = self.given_tokenizer or train_bpe(train_texts, self.vocab_size_wanted)
+        tok.save(str(folder / "tokenizer.json"))
+        tokens = {
+            "train": write_tokens(tok, train_texts, folder / "train.bin"),
+            "val": write_tokens(tok, [texts[i] for i in val_idx], folder / "val.bin"),
+        }
+        log.info("Token cache: %s train / %s val tokens", tokens["train"], tokens["val"])
+        return {
             "source": self.source,
             "documents": {"train": len(train_idx), "val": len(val_idx)},
             "dtype": "uint16" if tok.get_vocab_size() <= 65536 else "uint32",
             "vocab_size": tok.get_vocab_size(),
+            "tokens": tokens,
         }
-        with publish(final, meta) as tmp:
-            tok.save(str(tmp / "tokenizer.json"))
-            meta["tokens"] = {
-                "train": write_tokens(tok, train_texts, tmp / "train.bin"),
-                "val": write_tokens(tok, [texts[i] for i in val_idx], tmp / "val.bin"),
-            }
-        log.info("Token cache: %s train / %s val tokens", meta["tokens"]["train"], meta["tokens"]["val"])
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.train_set is not None:
-            return
-        path = self.cache_path
-        meta = json.loads((path / "meta.json").read_text())
-        self.tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
+    def load(self, folder: Path, meta: dict) -> None:
+        tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
         splits = {}
         for split in ("train", "val"):
-            tokens = np.memmap(path / f"{split}.bin", dtype=meta["dtype"], mode="r")
+            tokens = np.memmap(folder / f"{split}.bin", dtype=meta["dtype"], mode="r")
             splits[split] = PackedWindows(tokens, self.block_size)
             if len(splits[split]) == 0:
                 raise DataError(
                     f"data.source={self.source}: the {split} split has {len(tokens)} tokens, fewer than "
                     f"data.block_size+1={self.block_size + 1}; lower data.block_size or use more text"
                 )
-        self.train_set, self.val_set = splits["train"], splits["val"]
+        self.tokenizer, self.train_set, self.val_set = tokenizer, splits["train"], splits["val"]
+
+    def describe(self) -> DataInfo:
+        self.setup()
+        return DataInfo(
+            model={"vocab_size": self.tokenizer.get_vocab_size()},
+            state={"tokenizer": self.tokenizer.to_str()},
+            tokenizer=self.tokenizer,
+            max_length=self.block_size,
+        )
 
     @property
     def vocab_size(self) -> int:
-        self.setup()
-        return self.tokenizer.get_vocab_size()
-
-    def model_overrides(self) -> dict:
-        """Model config fields that the data decides."""
-        return {"vocab_size": self.vocab_size}
-
-    def extra_state(self) -> dict:
-        """What a checkpoint must carry to be used without this data module."""
-        self.setup()
-        return {"tokenizer": self.tokenizer.to_str()}
+        return self.describe().model["vocab_size"]
 
     def train_dataloader(self) -> DataLoader:
-        # Seeded, rank-sharded and resumable mid-epoch without replaying batches (fmlab/data/resumable.py).
-        return resumable_loader(
-            self.train_set, self.batch_size, shuffle=True, seed=self.seed,
-            drop_last=len(self.train_set) >= self.batch_size, num_workers=self.num_workers, trainer=self.trainer,
-        )
+        return self.train_loader(self.train_set, drop_last=len(self.train_set) >= self.batch_size)
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, batch_size=self.batch_size, num_workers=self.num_workers)
+        return self.eval_loader(self.val_set)
 
     test_dataloader = val_dataloader

@@ -7,7 +7,8 @@ from collections.abc import Iterable
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from fmlab.data.sources import DataError, resolve_path
+from fmlab.data.sources import DataError
+from fmlab.resolve import tokenizer_json
 
 EOS = "<|endoftext|>"
 # One set for every objective, so a tokenizer trained for GPT also serves BERT-style masking.
@@ -31,39 +32,24 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
 
 
 def load_tokenizer(path: str) -> Tokenizer:
-    """A `tokenizer.json` file, a folder that holds one (an fmlab run or a Hugging Face model folder),
-    an fmlab checkpoint (`.ckpt`, which carries its tokenizer), or `pkg://<package>/<folder>`."""
-    file = resolve_path(path)
-    if not file.exists():
-        from fmlab.tasks.pretrained import HUB_NAME, download_from_hub  # lazy: only for Hub names
-
-        if HUB_NAME.fullmatch(str(path)):  # the tokenizer of pretrained=<Hub name>, from the same cached download
-            file = download_from_hub(str(path))
-    if file.suffix == ".ckpt" and file.is_file():
-        import torch
-
-        state = torch.load(file, map_location="cpu", weights_only=True).get("fmlab", {})
-        if "tokenizer" not in state:
-            raise DataError(f"data.tokenizer: the checkpoint {file} carries no tokenizer")
-        return Tokenizer.from_str(state["tokenizer"])
-    if file.is_dir():
-        file = file / "tokenizer.json"
-    if not file.is_file():
-        raise DataError(f"data.tokenizer: no tokenizer.json at {path}")
+    """A `tokenizer.json` file, a folder that holds one (an fmlab run or a Hugging Face model folder), any
+    pretrained source (`.ckpt`, run folder, `pkg://...`, Hub name: fmlab.resolve), as `data.tokenizer`."""
+    text = tokenizer_json(str(path), "data.tokenizer")
     try:
-        return Tokenizer.from_file(str(file))
+        return Tokenizer.from_str(text)
     except Exception as err:  # tokenizers raises a bare Exception on malformed files
-        raise DataError(f"data.tokenizer: {file} is not a valid tokenizer.json ({err})") from err
+        raise DataError(f"data.tokenizer: {path} is not a valid tokenizer.json ({err})") from err
 
 
-def tokenizer_fingerprint(path: str) -> str:
-    """Hash of a tokenizer file's bytes (a checkpoint's path, size and mtime), for cache keys."""
-    file = resolve_path(path)
-    if file.suffix == ".ckpt" and file.is_file():
-        stat = file.stat()
-        return hashlib.sha256(f"{file.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    file = file / "tokenizer.json" if file.is_dir() else file
-    return hashlib.sha256(file.read_bytes()).hexdigest()[:16] if file.is_file() else f"name:{path}"
+def as_tokenizer(tokenizer: str | Tokenizer) -> Tokenizer:
+    """`data.tokenizer` as an object: one handed in (from a pretrained checkpoint) as is, a source loaded."""
+    return tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(tokenizer)
+
+
+def tokenizer_hash(tok: Tokenizer) -> str:
+    """Hash of a tokenizer's JSON, for cache keys: the same tokenizer from a file, a checkpoint or an object
+    shares a cache, and a different one never does."""
+    return hashlib.sha256(tok.to_str().encode()).hexdigest()[:16]
 
 
 def special_token_ids(tok: Tokenizer) -> list[int]:

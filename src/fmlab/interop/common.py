@@ -7,12 +7,14 @@ from dataclasses import dataclass
 
 import torch
 
+from fmlab.errors import UserError
+
 # Hugging Face `hidden_act` / `activation_function` -> ours (import), and ours -> theirs (export).
 HF_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
 OUR_TO_HF_ACTIVATION = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "relu": "relu"}
 
 
-class ExportError(ValueError):
+class ExportError(UserError):
     """The model cannot be written as a Hugging Face model that computes the same: the message names the option."""
 
 

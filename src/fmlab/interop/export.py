@@ -6,7 +6,6 @@ Face twin is refused with the option at fault (fmlab.interop.common.ExportError)
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 from pathlib import Path
@@ -17,20 +16,16 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer
 from torch import nn
 
-from fmlab.evaluation import load_task, read_checkpoint
-from fmlab.interop.common import Classifier, ExportError
+from fmlab.interop import family_by_config
+from fmlab.interop.common import Classifier
 from fmlab.models.heads import ClassificationHead
 from fmlab.models.lora import merge_lora
+from fmlab.resolve import read_checkpoint
 from fmlab.runtime import rank_zero_print
+from fmlab.tasks.base import load_task
 
 log = logging.getLogger(__name__)
 
-# Our model config `_target_` -> the module that maps that family to Hugging Face.
-FAMILIES = {
-    "fmlab.models.gpt.GPTConfig": "fmlab.interop.hf_gpt2",
-    "fmlab.models.bert.BertConfig": "fmlab.interop.hf_bert",
-    "fmlab.models.vit.ViTConfig": "fmlab.interop.hf_vit",
-}
 # Hugging Face special-token roles and the tokens that fill them in our tokenizers and in BERT's.
 SPECIAL_TOKENS = {
     "pad_token": ("<pad>", "[PAD]"),
@@ -95,10 +90,7 @@ def export_task(task: nn.Module, out_dir: str | Path) -> list[str]:
     """Write `task` (a fmlab task with `hparams.model` and `extra_state`; its LoRA adapters are merged in place)
     to `out_dir`; returns notes on what the export leaves out. Raises ExportError, before writing anything, where
     there is no exact twin."""
-    target = task.hparams["model"]["_target_"]
-    if target not in FAMILIES:
-        raise ExportError(f"model._target_={target} has no Hugging Face export; supported: {sorted(FAMILIES)}")
-    family = importlib.import_module(FAMILIES[target])
+    family = family_by_config(task.hparams["model"]["_target_"])
     task = task.eval()
     merge_lora(task.model)
     head = classifier_of(task)
@@ -140,7 +132,7 @@ def export_task(task: nn.Module, out_dir: str | Path) -> list[str]:
 
 def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path) -> list[str]:
     """Rebuild the task saved in `ckpt_path` (weights_only) and export it."""
-    checkpoint = read_checkpoint(ckpt_path)
+    checkpoint = read_checkpoint(ckpt_path, "ckpt_path")
     task = load_task(ckpt_path, checkpoint)
     return export_task(task, out_dir)
 

@@ -18,6 +18,7 @@ from fmlab.interop.common import Classifier, KeyMap, encoder_fields, hf_activati
 log = logging.getLogger(__name__)
 
 MODEL_TYPE = "bert"
+CONFIG_TARGET = "fmlab.models.bert.BertConfig"
 POOLER_SCALE = 1e-4  # relative error (s h)^2 / 3 < 1e-7 for |h| < 5, far below the 1e-4 the tests ask
 KEYS = KeyMap(
     outer={

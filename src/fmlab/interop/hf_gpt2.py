@@ -18,6 +18,7 @@ from fmlab.interop.common import Classifier, ExportError, KeyMap, hf_activation,
 log = logging.getLogger(__name__)
 
 MODEL_TYPE = "gpt2"
+CONFIG_TARGET = "fmlab.models.gpt.GPTConfig"
 KEYS = KeyMap(
     outer={"wte": "wte", "wpe": "wpe", "transformer.ln_f": "ln_f"},
     block_theirs="h.{}.",

@@ -19,6 +19,7 @@ from fmlab.interop.common import Classifier, KeyMap, encoder_fields, hf_activati
 log = logging.getLogger(__name__)
 
 MODEL_TYPE = "vit"
+CONFIG_TARGET = "fmlab.models.vit.ViTConfig"
 KEYS = KeyMap(
     outer={
         "cls_token": "embeddings.cls_token",

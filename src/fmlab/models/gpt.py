@@ -3,32 +3,39 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fmlab.models.transformer import (
-    KVCache,
-    Transformer,
-    TransformerConfig,
-    init_weights,
-    num_params,
-    training_flops,
-)
+from fmlab.models.backbone import Backbone
+from fmlab.models.transformer import KVCache, Transformer, TransformerConfig, init_weights, num_params
+
+PRESETS = {
+    "mini": {"n_layer": 4, "n_head": 4, "n_embd": 256, "block_size": 256},  # 5 M with an 8k vocabulary: a laptop CPU
+    "gpt2": {"n_layer": 12, "n_head": 12, "n_embd": 768, "block_size": 1024},  # GPT-2 small, 124 M
+    "gpt2-medium": {"n_layer": 24, "n_head": 16, "n_embd": 1024, "block_size": 1024},
+}
 
 
 @dataclass
 class GPTConfig(TransformerConfig):
+    presets: ClassVar[dict] = PRESETS
     vocab_size: int = 8192
     block_size: int = 256
     causal: bool = True
+    pooling: str = "last"  # a causal model has read the whole sequence at its last token
 
     def build(self) -> GPT:
         return GPT(self)
 
 
-class GPT(nn.Module):
+class GPT(Backbone):
+    input_names = ("input_ids", "attention_mask")
+    embedding_names = ("wte", "wpe")
+    pretraining_heads = ("lm_head",)
+
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         if not config.causal:
@@ -73,11 +80,8 @@ class GPT(nn.Module):
     def tokens_per_sample(self) -> int:
         return self.config.block_size
 
-    def flops_per_sample(self) -> int:
-        """Training FLOPs of one `block_size` window (the throughput callback's per-family hook); the position table
-        is excluded and the tied embedding counts once, as the LM head."""
-        cfg = self.config
-        return training_flops(self.num_params(), cfg.n_layer, cfg.n_embd, cfg.block_size)
+    def sequence_length(self) -> int:
+        return self.config.block_size
 
     def flops_per_token(self) -> int:
         return self.flops_per_sample() // self.tokens_per_sample()

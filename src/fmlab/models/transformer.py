@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -16,7 +17,13 @@ from torch import nn
 
 @dataclass
 class TransformerConfig:
-    """Shape and behaviour of the transformer stack (family configs extend it)."""
+    """Shape and behaviour of the transformer stack (family configs extend it).
+
+    Sizes are registered presets (`presets`, one table per family, as litgpt's `Config.from_name`): `size=<name>`
+    fills every field left None from the table, and `from_name(name, **overrides)` builds one in Python.
+    """
+
+    presets: ClassVar[dict[str, dict[str, Any]]] = {}
 
     n_layer: int = 4
     n_head: int = 4
@@ -30,8 +37,14 @@ class TransformerConfig:
     norm_eps: float = 1e-5
     activation: str = "gelu"  # "gelu" (exact) or "gelu_tanh" (GPT-2's approximation)
     drop_path: float = 0.0  # stochastic depth rate of the last block, linear from 0
+    pooling: str = "cls"  # how a sequence-level head summarises the hidden states: cls, mean or last
+    size: str | None = None  # the preset this config started from (None: none)
 
     def __post_init__(self) -> None:
+        if self.size is not None:
+            for key, value in preset(type(self), self.size).items():
+                if getattr(self, key) is None:
+                    setattr(self, key, value)
         if self.n_embd % self.n_head:
             raise ValueError(f"model.n_embd={self.n_embd} is not divisible by model.n_head={self.n_head}")
         if self.activation not in ACTIVATIONS:
@@ -40,6 +53,18 @@ class TransformerConfig:
     @property
     def mlp_width(self) -> int:
         return self.intermediate_size or 4 * self.n_embd
+
+    @classmethod
+    def from_name(cls, name: str, **overrides: Any) -> TransformerConfig:
+        """The preset `name` of this family, with `overrides` on top."""
+        return cls(**{**preset(cls, name), "size": name, **overrides})
+
+
+def preset(config_class: type[TransformerConfig], name: str) -> dict[str, Any]:
+    """The fields of preset `name` of a family config class; an unknown name lists the known ones."""
+    if name not in config_class.presets:
+        raise ValueError(f"model.size={name!r}; {config_class.__name__} has {sorted(config_class.presets)}")
+    return config_class.presets[name]
 
 
 ACTIVATIONS = {"gelu": nn.GELU, "gelu_tanh": lambda: nn.GELU(approximate="tanh"), "relu": nn.ReLU}

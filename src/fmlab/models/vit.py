@@ -11,10 +11,22 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from fmlab.models.backbone import Backbone
 from fmlab.models.pos_embed import interpolate_pos_embed, sincos_2d
 from fmlab.models.transformer import Transformer, TransformerConfig, init_weights, num_params, training_flops
 
 POS_EMBEDS = ("learned", "sincos")
+# Each size carries the MAE decoder that pre-trains it (light: its own width and depth, dropped after pre-training).
+PRESETS = {
+    "mini": {"n_layer": 4, "n_head": 4, "n_embd": 64, "patch_size": 4,  # 0.2 M: 28x28 images on a CPU in minutes
+             "mae_decoder": {"n_embd": 32, "n_layer": 2, "n_head": 2}},
+    "tiny": {"n_layer": 12, "n_head": 3, "n_embd": 192, "patch_size": 16, "img_size": 224,  # ViT-Ti/16, 5.7 M
+             "mae_decoder": {"n_embd": 256, "n_layer": 4, "n_head": 8}},
+    "small": {"n_layer": 12, "n_head": 6, "n_embd": 384, "patch_size": 16, "img_size": 224,  # ViT-S/16, 22 M
+              "mae_decoder": {"n_embd": 256, "n_layer": 4, "n_head": 8}},
+    "base": {"n_layer": 12, "n_head": 12, "n_embd": 768, "patch_size": 16, "img_size": 224,  # ViT-B/16, 86 M
+             "mae_decoder": {"n_embd": 512, "n_layer": 8, "n_head": 16}},
+}
 
 
 def pair(size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
@@ -23,14 +35,18 @@ def pair(size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
 
 @dataclass
 class ViTConfig(TransformerConfig):
+    presets: ClassVar[dict] = PRESETS
     img_size: int | list[int] | None = None  # side (or [height, width]); None: the data decides
     patch_size: int = 4
     in_chans: int | None = None  # None: the data decides
     pos_embed: str = "learned"  # "learned" (ViT) or "sincos" (fixed 2-D sin-cos, MAE)
     norm_eps: float = 1e-6
+    mae_decoder: dict | None = None  # the MAE decoder of this size (None: the size's, see PRESETS)
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.mae_decoder is None:
+            self.mae_decoder = dict(PRESETS["mini"]["mae_decoder"])
         if self.pos_embed not in POS_EMBEDS:
             raise ValueError(f"model.pos_embed={self.pos_embed!r}; choose one of {POS_EMBEDS}")
         if self.img_size is not None:
@@ -62,10 +78,11 @@ class PatchEmbed(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, N, n_embd)
 
 
-class ViT(nn.Module):
-    # Loading weights trained at another resolution resizes these (see `_resize_pos_embed`).
-    resizable_keys: ClassVar[tuple[str, ...]] = ("pos_embed",)
-    sample_unit: ClassVar[str] = "images"  # what the throughput callback counts
+class ViT(Backbone):
+    input_names = ("pixel_values",)
+    embedding_names = ("patch_embed", "cls_token", "pos_embed")
+    position_tables = ("pos_embed",)  # loading weights of another resolution resizes it (`_resize_pos_embed`)
+    sample_unit = "images"
 
     def __init__(self, config: ViTConfig) -> None:
         super().__init__()
@@ -113,10 +130,12 @@ class ViT(nn.Module):
 
     forward = encode
 
-    def num_params(self) -> int:
-        return num_params(self)
+    def no_weight_decay(self) -> set[str]:
+        """MAE / timm: the class token and position table; the patch projection decays like any layer."""
+        return {n for n, _ in self.named_parameters() if n in ("cls_token", "pos_embed")}
 
-    sample_unit = "images"
+    def sequence_length(self) -> int:
+        return self.num_patches + 1
 
     def flops_per_sample(self) -> int:
         """Training FLOPs of one image: all N patches plus CLS through the encoder (position table excluded)."""

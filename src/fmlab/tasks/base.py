@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+from pathlib import Path
 from typing import Any
 
 import hydra
@@ -14,12 +15,12 @@ from lightning.pytorch.utilities import GradClipAlgorithmType
 from omegaconf import OmegaConf
 from torch import nn
 
+from fmlab.errors import UserError
+from fmlab.models.backbone import build_backbone
 from fmlab.resume import rng_states, set_rng_states
 
 log = logging.getLogger(__name__)
 
-# Parameters with these name parts are embeddings or position tables: never weight-decayed.
-NO_DECAY_NAMES = ("wte", "wpe", "embed", "cls_token", "mask_token", "pos_embed")
 
 
 def to_plain(value: Any) -> Any:
@@ -29,7 +30,7 @@ def to_plain(value: Any) -> Any:
 
 def build_model(model_cfg: dict) -> nn.Module:
     """A `_target_` node naming a model config dataclass (e.g. fmlab.models.GPTConfig) -> the model."""
-    return hydra.utils.instantiate(model_cfg).build()
+    return build_backbone(model_cfg)
 
 
 def warmup_cosine(warmup_steps: int, total_steps: int, min_lr_ratio: float):
@@ -44,18 +45,43 @@ def warmup_cosine(warmup_steps: int, total_steps: int, min_lr_ratio: float):
     return factor
 
 
+def no_decay_names(module: nn.Module) -> set[str]:
+    """Full names of the parameters that the submodules exempt from weight decay with `no_weight_decay()`
+    (timm's contract: a backbone, an MAE decoder...)."""
+    names: set[str] = set()
+    for prefix, sub in module.named_modules():
+        if callable(getattr(sub, "no_weight_decay", None)):
+            names |= {f"{prefix}.{name}" if prefix else name for name in sub.no_weight_decay()}
+    return names
+
+
+def is_decayed(name: str, p: nn.Parameter, exempt: set[str]) -> bool:
+    """Weight decay applies to matrices only: not to norms, biases, or what a module exempts."""
+    return p.dim() >= 2 and name not in exempt
+
+
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices only: no weight decay on norms, biases, embeddings."""
+    """Two AdamW groups: decayed matrices, and the rest (norms, biases, embeddings and tables)."""
     decay, no_decay = [], []
+    exempt = no_decay_names(model)
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        is_embedding = any(part in name for part in NO_DECAY_NAMES)
-        (no_decay if p.dim() < 2 or is_embedding else decay).append(p)
+        (decay if is_decayed(name, p, exempt) else no_decay).append(p)
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+
+
+def load_task(path: str | Path, checkpoint: dict[str, Any]) -> Task:
+    """The task saved in `path` (read with fmlab.resolve.read_checkpoint), rebuilt from the class and
+    hyper-parameters the checkpoint names."""
+    if "task_class" not in checkpoint:
+        raise UserError(f"{path}: names no task class; it was not written by an fmlab task")
+    task_class = hydra.utils.get_class(checkpoint["task_class"])
+    log.info("Loading %s from %s", checkpoint["task_class"], path)
+    return task_class.load_from_checkpoint(path, map_location="cpu", weights_only=True)
 
 
 class Task(L.LightningModule):

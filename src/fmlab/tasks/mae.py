@@ -12,13 +12,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 from torchmetrics import MeanMetric
 from torchvision.utils import make_grid, save_image
 
-from fmlab.models.pos_embed import sincos_2d
-from fmlab.models.transformer import Transformer, TransformerConfig, init_weights, num_params, training_flops
-from fmlab.models.vit import ViT
+from fmlab.models.mae_decoder import MAEDecoder, patchify, unpatchify
+from fmlab.models.transformer import num_params, training_flops
 from fmlab.tasks.base import Task, to_plain
 
 log = logging.getLogger(__name__)
@@ -40,47 +38,6 @@ def random_masking(
     return ids_shuffle[:, :n_keep], torch.gather(mask, 1, ids_restore), ids_restore
 
 
-def patchify(images: torch.Tensor, p: int) -> torch.Tensor:
-    """(B, C, H, W) -> (B, N, p * p * C), patches in row-major order like the patch embedding."""
-    B, C, H, W = images.shape
-    x = images.reshape(B, C, H // p, p, W // p, p)
-    return x.permute(0, 2, 4, 3, 5, 1).reshape(B, (H // p) * (W // p), p * p * C)
-
-
-def unpatchify(patches: torch.Tensor, p: int, channels: int, grid: tuple[int, int]) -> torch.Tensor:
-    """(B, N, p * p * C) -> (B, C, H, W)."""
-    B, (gh, gw) = patches.shape[0], grid
-    x = patches.reshape(B, gh, gw, p, p, channels)
-    return x.permute(0, 5, 1, 3, 2, 4).reshape(B, channels, gh * p, gw * p)
-
-
-class MAEDecoder(nn.Module):
-    """Mask tokens + fixed sin-cos positions + a small transformer -> pixels of every patch."""
-
-    def __init__(self, encoder: ViT, n_embd: int = 128, n_layer: int = 2, n_head: int = 4) -> None:
-        super().__init__()
-        enc = encoder.config
-        cfg = TransformerConfig(
-            n_layer=n_layer, n_head=n_head, n_embd=n_embd, norm_eps=enc.norm_eps, activation=enc.activation
-        )
-        self.proj_in = nn.Linear(enc.n_embd, n_embd)  # a name without "embed": weight-decayed like a layer
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, n_embd))
-        self.register_buffer("pos_embed", sincos_2d(n_embd, enc.grid_size), persistent=False)
-        self.transformer = Transformer(cfg)
-        self.pred = nn.Linear(n_embd, enc.patch_size**2 * enc.in_chans)
-        init_weights(self, n_layer)
-        nn.init.normal_(self.mask_token, std=0.02)
-
-    def forward(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
-        """Encoder states (B, 1 + n_keep, C_enc) -> pixel predictions (B, N, p * p * in_chans)."""
-        x = self.proj_in(latent)
-        B, N, D = x.shape[0], ids_restore.shape[1], x.shape[2]
-        patches = torch.cat([x[:, 1:], self.mask_token.expand(B, N - (x.shape[1] - 1), -1).to(x.dtype)], dim=1)
-        patches = torch.gather(patches, 1, ids_restore[..., None].expand(-1, -1, D))  # back to image order
-        x = torch.cat([x[:, :1], patches], dim=1) + self.pos_embed
-        return self.pred(self.transformer(x)[:, 1:])
-
-
 class MAETask(Task):
     """Masked autoencoder pre-training of a ViT; logs `train/loss`, `val/loss`, `lr` and reconstruction grids."""
 
@@ -96,9 +53,12 @@ class MAETask(Task):
         num_images: int = 8,
     ) -> None:
         super().__init__(model, optimizer, scheduler)
-        if not isinstance(self.model, ViT):
-            raise ValueError(f"masked autoencoding needs a ViT backbone, got {type(self.model).__name__}")
-        decoder = dict(to_plain(decoder) or {})
+        if not all(hasattr(self.model, name) for name in ("embed", "encode_tokens", "num_patches")):
+            raise ValueError(f"masked autoencoding needs a patch-token backbone (embed, encode_tokens, num_patches, "
+                             f"like ViT); {type(self.model).__name__} has none")
+        # The decoder of the backbone's size (fmlab/models/vit.py presets), with the task's non-null keys on top.
+        decoder = {**self.model.config.mae_decoder, **{k: v for k, v in (to_plain(decoder) or {}).items()
+                                                        if v is not None}}
         self.save_hyperparameters({
             **self.hparams, "mask_ratio": mask_ratio, "norm_pix_loss": norm_pix_loss, "decoder": decoder,
             "image_log_interval": image_log_interval, "num_images": num_images,
