@@ -8,7 +8,7 @@
 3. Test accuracy and macro F1 on the official 10,000 test images go to results_vision.json (after every run; a rerun
    skips what is done), vision.md and vision.png. Run folders: outputs/experiments/vision/.
 
-Scale up on a GPU with e.g. `--extra trainer=gpu model=vit_small`.
+Scale up on a GPU with e.g. `--extra trainer=gpu model.size=small`.
 """
 
 from __future__ import annotations

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 from fmlab.data.base import CachedDataModule, DataInfo
 from fmlab.data.sampling import few_label_indices, stratified_split
 from fmlab.data.sources import DataError, deduplicate, fingerprint, read_split_table
-from fmlab.data.tokenizer import as_tokenizer, find_token, tokenizer_hash, train_bpe
+from fmlab.data.tokenizer import TokenizerSource, find_token, train_bpe
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
@@ -94,7 +93,7 @@ class PadCollate:
         return batch
 
 
-class LabeledTextDataModule(CachedDataModule):
+class LabeledTextDataModule(TokenizerSource, CachedDataModule):
     """Texts (optionally pairs) with a class or a number per row, for sequence classification or regression.
 
     Splits: the source's own train/val/test where it has them, else a stratified, seeded split. Few labels:
@@ -143,17 +142,11 @@ class LabeledTextDataModule(CachedDataModule):
     def columns(self) -> list[str]:
         return [c for c in (self.text_column, self.text_pair_column, self.label_column) if c]
 
-    @cached_property
-    def given_tokenizer(self) -> Tokenizer | None:
-        """The tokenizer handed in (loaded once from its source), None when one is trained on the training split."""
-        return None if self.tokenizer_source is None else as_tokenizer(self.tokenizer_source)
-
     def cache_spec(self) -> dict:
-        given = self.given_tokenizer
         return {
             "source": fingerprint(self.source),
             "columns": self.columns,
-            "tokenizer": tokenizer_hash(given) if given is not None else {"bpe_vocab_size": self.vocab_size_wanted},
+            "tokenizer": self.tokenizer_key(),
             "max_length": self.max_length,
             "template": [self.template, self.pair_template],
             "regression": self.regression,

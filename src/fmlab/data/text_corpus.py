@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from functools import cached_property
 from itertools import chain
 from pathlib import Path
 
@@ -14,7 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from fmlab.data.base import CachedDataModule, DataInfo
 from fmlab.data.sources import DataError, fingerprint, read_texts
-from fmlab.data.tokenizer import EOS, as_tokenizer, token_id, tokenizer_hash, train_bpe
+from fmlab.data.tokenizer import EOS, TokenizerSource, token_id, train_bpe
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +52,7 @@ class PackedWindows(Dataset):
         return torch.from_numpy(self.tokens[start : start + self.block_size + 1].astype(np.int64))
 
 
-class TextCorpusDataModule(CachedDataModule):
+class TextCorpusDataModule(TokenizerSource, CachedDataModule):
     """A text corpus (preset, file, folder, glob or saved HF dataset) packed into `block_size` windows for LM
     pre-training. `tokenizer`: a source to load one from, a `tokenizers.Tokenizer`, or None to train a BPE."""
 
@@ -79,17 +78,11 @@ class TextCorpusDataModule(CachedDataModule):
         self.train_set: PackedWindows | None = None
         self.val_set: PackedWindows | None = None
 
-    @cached_property
-    def given_tokenizer(self) -> Tokenizer | None:
-        """The tokenizer handed in (loaded once from its source), None when one is trained on the corpus."""
-        return None if self.tokenizer_source is None else as_tokenizer(self.tokenizer_source)
-
     def cache_spec(self) -> dict:
-        given = self.given_tokenizer
         return {
             "source": fingerprint(self.source),
             "text_column": self.text_column,
-            "tokenizer": tokenizer_hash(given) if given is not None else {"bpe_vocab_size": self.vocab_size_wanted},
+            "tokenizer": self.tokenizer_key(),
             "val_fraction": self.val_fraction,
             "seed": self.seed,
         }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable
+from functools import cached_property
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -68,3 +69,20 @@ def token_id(tok: Tokenizer, token: str) -> int:
     if idx is None:
         raise DataError(f"the tokenizer has no {token!r} token")
     return idx
+
+
+class TokenizerSource:
+    """For text data modules: the tokenizer handed in (`tokenizer_source`: a path, a source or an object) and the
+    cache-key part it gives; without one, a BPE of `vocab_size_wanted` is trained on the training split."""
+
+    tokenizer_source: str | Tokenizer | None
+    vocab_size_wanted: int
+
+    @cached_property
+    def given_tokenizer(self) -> Tokenizer | None:
+        """The tokenizer handed in, loaded once from its source; None when one is trained."""
+        return None if self.tokenizer_source is None else as_tokenizer(self.tokenizer_source)
+
+    def tokenizer_key(self) -> str | dict:
+        given = self.given_tokenizer
+        return tokenizer_hash(given) if given is not None else {"bpe_vocab_size": self.vocab_size_wanted}
