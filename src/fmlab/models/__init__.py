@@ -8,6 +8,6 @@ from fmlab.models.transformer import Transformer, TransformerConfig
 from fmlab.models.vit import ViT, ViTConfig
 
 __all__ = [
-    "BERT", "Backbone", "build_backbone", "BertConfig", "ClassificationHead", "GPT", "GPTConfig", "Transformer", "TransformerConfig",
-    "ViT", "ViTConfig", "pool",
+    "BERT", "Backbone", "BertConfig", "ClassificationHead", "GPT", "GPTConfig", "Transformer", "TransformerConfig",
+    "ViT", "ViTConfig", "build_backbone", "pool",
 ]
