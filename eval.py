@@ -3,6 +3,7 @@
 import hydra
 from omegaconf import DictConfig
 
+from fmlab.cli import run
 from fmlab.evaluation import evaluate
 
 
@@ -12,4 +13,4 @@ def main(cfg: DictConfig) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

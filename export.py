@@ -3,6 +3,7 @@
 import hydra
 from omegaconf import DictConfig
 
+from fmlab.cli import run
 from fmlab.interop.export import export
 
 
@@ -12,4 +13,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -3,6 +3,7 @@
 import hydra
 from omegaconf import DictConfig
 
+from fmlab.cli import run
 from fmlab.training import train
 
 
@@ -12,4 +13,4 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -20,7 +20,7 @@ TINY_GPT = [
     "data.vocab_size=300", "data.batch_size=8",
     "trainer.accelerator=cpu", "trainer.devices=1", "trainer.precision=32",
     "trainer.max_steps=30", "trainer.val_check_interval=10", "trainer.log_every_n_steps=1",
-    "+trainer.enable_progress_bar=false", "+trainer.enable_model_summary=false",
+    "+trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
     "logger=csv", "callbacks=[model_checkpoint]",
 ]
 

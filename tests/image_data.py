@@ -13,7 +13,7 @@ TINY_VIT = [
     "data.batch_size=16", "data.eval_batch_size=64", "data.val_fraction=0.2",
     "trainer.accelerator=cpu", "trainer.devices=1", "trainer.precision=32",
     "trainer.max_steps=20", "trainer.val_check_interval=10", "trainer.log_every_n_steps=1",
-    "+trainer.enable_progress_bar=false", "+trainer.enable_model_summary=false",
+    "+trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
     "logger=csv", "callbacks=[model_checkpoint]",
 ]
 TINY_MAE = ["task.decoder.n_embd=32", "task.decoder.n_layer=1", "task.decoder.n_head=2", "task.num_images=4"]

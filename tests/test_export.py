@@ -214,7 +214,7 @@ def test_minilm_finetune_exports_and_transformers_reproduces_it(tmp_path: Path) 
         f"paths.cache_dir={tmp_path / 'cache'}", "data.max_length=32", "data.batch_size=8", "task.pooling=cls",
         "task.optimizer.lr=1e-3", "trainer.accelerator=cpu", "trainer.devices=1", "trainer.precision=32",
         "trainer.max_steps=3", "trainer.val_check_interval=3", "+trainer.enable_progress_bar=false",
-        "+trainer.enable_model_summary=false", "validate_before_fit=false", "test_after_fit=false",
+        "trainer.enable_model_summary=false", "validate_before_fit=false", "test_after_fit=false",
         "logger=csv", "callbacks=[model_checkpoint]",
     ], run))
     ckpt = run / "checkpoints" / "last.ckpt"

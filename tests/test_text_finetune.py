@@ -156,7 +156,7 @@ def test_minilm_finetune_beats_the_majority_class(tmp_path: Path) -> None:
         "model=minilm", "stage=finetune", f"data.source={tmp_path / 'bbc'}", f"paths.cache_dir={tmp_path / 'cache'}",
         "data.max_length=64", "data.val_fraction=0.15", "data.batch_size=16", "task.optimizer.lr=3e-4",
         "trainer.accelerator=cpu", "trainer.devices=1", "trainer.max_steps=12", "trainer.val_check_interval=12",
-        "+trainer.enable_progress_bar=false", "+trainer.enable_model_summary=false", "validate_before_fit=false",
+        "+trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "validate_before_fit=false",
         "logger=csv", "callbacks=none",  # no 270 MB checkpoints: the test runs on the final weights
     ], tmp_path / "run"))
     metrics = json.loads((tmp_path / "run" / "test_metrics.json").read_text())["metrics"]

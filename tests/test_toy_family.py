@@ -70,7 +70,7 @@ def test_a_family_defined_in_a_test_file_trains_through_train_py(tmp_path: Path,
         f"paths.cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={run}", "trainer.accelerator=cpu",
         "trainer.devices=1", "trainer.precision=32", "trainer.max_steps=40", "trainer.val_check_interval=20",
         "task.optimizer.lr=3e-2", "task.scheduler.warmup_steps=5", "logger=csv", "callbacks=[model_checkpoint]",
-        "+trainer.enable_progress_bar=false", "+trainer.enable_model_summary=false",
+        "+trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
     ]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

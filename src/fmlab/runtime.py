@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
+import warnings
 from typing import Any
 
 import hydra
@@ -12,10 +14,35 @@ from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from fmlab.errors import UserError
+
 log = logging.getLogger(__name__)
 
 # Keys of the `trainer` node that configure fmlab, not lightning.Trainer.
 NON_TRAINER_KEYS = ("peak_flops",)
+
+
+# Warnings raised inside Lightning about its own internals, or about its model summary (which fmlab replaces by a
+# line): nothing a user can act on.
+LIGHTNING_NOISE = (
+    r".*isinstance\(treespec, LeafSpec\)` is deprecated",
+    r"Precision .* is not supported by the model summary",
+)
+
+
+def quiet_console() -> None:
+    """Leave the console to what a user acts on: Lightning's INFO lines (device report, tips, "Seed set") go to the
+    run's log file like ours instead of its own console handler; W&B stays silent unless WANDB_SILENT=false (train.py
+    prints where its run went); Lightning's warnings about its own internals are dropped."""
+    for pattern in LIGHTNING_NOISE:
+        warnings.filterwarnings("ignore", message=pattern)
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logger = logging.getLogger(name)
+        for handler in list(logger.handlers):
+            if not isinstance(handler, logging.FileHandler):
+                logger.removeHandler(handler)
+        logger.propagate = True
+    os.environ.setdefault("WANDB_SILENT", "true")
 
 
 @rank_zero_only
@@ -27,7 +54,7 @@ def accumulation(global_batch_size: int, micro_batch_size: int, world_size: int)
     """Gradient-accumulation steps so that world_size x micro-batch x steps = global batch."""
     per_step = micro_batch_size * world_size
     if global_batch_size % per_step:
-        raise ValueError(
+        raise UserError(
             f"data.global_batch_size={global_batch_size} is not a multiple of data.batch_size={micro_batch_size} "
             f"x {world_size} device(s) = {per_step}"
         )
@@ -67,6 +94,7 @@ def launch_ranks_in_this_job() -> None:
 
 def build_trainer(cfg: DictConfig, callbacks: list, loggers: list) -> L.Trainer:
     """lightning.Trainer from `cfg.trainer`, with accumulation derived from `data.global_batch_size` if set."""
+    quiet_console()
     if HydraConfig.initialized():
         launch_ranks_in_this_job()
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)

@@ -16,12 +16,14 @@ from omegaconf import DictConfig, OmegaConf
 from tokenizers import Tokenizer
 
 import fmlab.config  # noqa: F401  (registers the config resolvers)
+from fmlab.checks import check_run
+from fmlab.cli import is_user_error, log_to_file, one_line
 from fmlab.config import is_multirun
 from fmlab.data.base import DataInfo
 from fmlab.errors import UserError
 from fmlab.resolve import Pretrained, load_pretrained, tokenizer_json
 from fmlab.resume import resolve_ckpt_path
-from fmlab.runtime import build_trainer, rank_zero_print
+from fmlab.runtime import build_trainer, quiet_console, rank_zero_print
 from fmlab.tasks.base import Task, to_plain
 from fmlab.tasks.pretrained import backbone_config, load_backbone
 
@@ -49,18 +51,20 @@ def close_loggers() -> None:
 
 
 def task_wrapper(fn: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
-    """Log a failure with the run folder and always close the experiment loggers.
+    """Log a failure's traceback in the run's log file and always close the experiment loggers.
 
-    In a sweep (`-m`) a failed job returns NaN instead of raising, so the sweeper records it and runs the rest.
+    The console gets one `error:` line for a user error (fmlab.cli). In a sweep (`-m`) a failed job returns NaN
+    instead of raising, so the sweeper records it as failed and runs the rest.
     """
 
     @functools.wraps(fn)
     def wrapped(cfg: DictConfig) -> Any:
         try:
             return fn(cfg)
-        except Exception:
-            log.exception("Run failed; its folder is %s", cfg.paths.output_dir)
+        except Exception as err:
+            log_to_file(f"Run failed; its folder is {cfg.paths.output_dir}", err)
             if is_multirun():
+                log.error("Trial failed: %s", one_line(err) if is_user_error(err) else repr(err))
                 return float("nan")
             raise
         finally:
@@ -141,6 +145,28 @@ def test_after_fit(trainer: L.Trainer, task: Task, datamodule: L.LightningDataMo
     return metrics
 
 
+def model_line(task: Task) -> str:
+    model = task.model
+    size = getattr(model.config, "size", None)
+    total = sum(p.numel() for p in {id(p): p for p in task.parameters()}.values())
+    trainable = sum(p.numel() for p in {id(p): p for p in task.parameters() if p.requires_grad}.values())
+    return (f"Model: {type(model).__name__}{f' ({size})' if size else ''} in {type(task).__name__}, "
+            f"{total:,} parameters, {trainable:,} trainable")
+
+
+def wandb_line() -> str | None:
+    """Where the W&B run went, and how to upload an offline one."""
+    try:
+        import wandb
+    except ImportError:
+        return None
+    if wandb.run is None:
+        return None
+    folder = Path(wandb.run.dir).parent
+    offline = bool(getattr(wandb.run, "offline", True))
+    return f"W&B run: {folder}" + (f" (offline; upload with: wandb sync {folder})" if offline else "")
+
+
 def summary_line(trainer: L.Trainer, initial: dict[str, float]) -> str:
     """One line: best validation loss/perplexity, where it started, the best checkpoint."""
     ckpt = trainer.checkpoint_callback
@@ -162,9 +188,11 @@ def summary_line(trainer: L.Trainer, initial: dict[str, float]) -> str:
 
 
 @task_wrapper
-def train(cfg: DictConfig) -> float | None:
-    """Fit the configured task; returns `cfg.optimized_metric` for sweepers."""
+def train(cfg: DictConfig) -> float:
+    """Fit the configured task; returns `cfg.optimized_metric` for sweepers (NaN where the run has none)."""
     run_dir = Path(cfg.paths.output_dir)
+    check_run(cfg)  # before anything slow: the config resolves, the data options fit, the folder takes files
+    quiet_console()
     rank_zero_print(f"Run folder: {run_dir}")
     L.seed_everything(cfg.seed, workers=True)
     ckpt_path = resolve_ckpt_path(cfg)  # ckpt_path=<file>, or resume=auto / ckpt_path=last
@@ -173,6 +201,7 @@ def train(cfg: DictConfig) -> float | None:
     datamodule = build_datamodule(cfg, pretrained)
     datamodule.prepare_data()
     task = build_task(cfg, datamodule, pretrained)
+    rank_zero_print(model_line(task))
     # What eval.py rebuilds the test from: the data, and the precision the run reports its test metrics in.
     task.extra_state.update(data=data_config(cfg), precision=str(cfg.trainer.precision))
     if cfg.get("compile"):
@@ -192,11 +221,16 @@ def train(cfg: DictConfig) -> float | None:
     if cfg.get("validate_before_fit") and not ckpt_path:
         initial = trainer.validate(task, datamodule=datamodule, verbose=False)[0]
     trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path)
-    metric = optimized_value(trainer, cfg.get("optimized_metric"))
+    name = cfg.get("optimized_metric")
+    if name and name.startswith("val/") and name not in trainer.callback_metrics:
+        trainer.validate(task, datamodule=datamodule, verbose=False)  # no validation ran: the sweeper needs one
+    metric = optimized_value(trainer, name)
 
     if cfg.get("test_after_fit"):
         test_after_fit(trainer, task, datamodule, run_dir)
 
     rank_zero_print(summary_line(trainer, initial))
+    if (line := wandb_line()) is not None:
+        rank_zero_print(line)
     rank_zero_print(f"Run folder: {run_dir}")
-    return metric
+    return float("nan") if metric is None else metric

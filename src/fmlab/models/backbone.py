@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from fmlab.errors import UserError
 from fmlab.models.transformer import TransformerConfig, num_params, training_flops
 
 BLOCKS = "transformer.blocks."  # where the shared core keeps its blocks
@@ -105,7 +106,7 @@ def config_class(target: str) -> type[TransformerConfig]:
     try:
         return getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError) as err:
-        raise ValueError(f"model._target_={target}: no such config class ({err})") from err
+        raise UserError(f"model._target_={target}: no such config class ({err})") from err
 
 
 def build_config(node: dict[str, Any]) -> TransformerConfig:
@@ -115,7 +116,7 @@ def build_config(node: dict[str, Any]) -> TransformerConfig:
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(node) - fields - set(NODE_KEYS))
     if unknown:
-        raise ValueError(f"model.{unknown[0]}: not a field of {cls.__name__}; fields: {sorted(fields)}")
+        raise UserError(f"model.{unknown[0]}: not a field of {cls.__name__}; fields: {sorted(fields)}")
     return cls(**{k: v for k, v in node.items() if k in fields})
 
 

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fmlab.errors import UserError
 from fmlab.models.backbone import Backbone
 from fmlab.models.transformer import (
     ACTIVATIONS,
@@ -66,7 +67,7 @@ class BERT(Backbone):
     def __init__(self, config: BertConfig) -> None:
         super().__init__()
         if config.causal:
-            raise ValueError("BERT is bidirectional: set model.causal=false")
+            raise UserError("BERT is bidirectional: set model.causal=false")
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.wpe = nn.Embedding(config.block_size, config.n_embd)

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fmlab.errors import UserError
 from fmlab.models.backbone import Backbone
 from fmlab.models.transformer import KVCache, Transformer, TransformerConfig, init_weights, num_params
 
@@ -39,7 +40,7 @@ class GPT(Backbone):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         if not config.causal:
-            raise ValueError("GPT needs model.causal=true")
+            raise UserError("GPT needs model.causal=true")
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.wpe = nn.Embedding(config.block_size, config.n_embd)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fmlab.errors import UserError
+
 POOLING = ("cls", "mean", "last")
 
 
@@ -39,12 +41,12 @@ class ClassificationHead(nn.Module):
     ) -> None:
         super().__init__()
         if pooling not in POOLING:
-            raise ValueError(f"pooling={pooling!r}; choose one of {POOLING}")
+            raise UserError(f"pooling={pooling!r}; choose one of {POOLING}")
         if num_labels < 1:
-            raise ValueError(f"num_labels={num_labels} must be at least 1")
+            raise UserError(f"num_labels={num_labels} must be at least 1")
         self.pooling = pooling
         if norm not in (False, True, None, "batchnorm"):
-            raise ValueError(f"head norm={norm!r}; choose false, true (LayerNorm) or batchnorm")
+            raise UserError(f"head norm={norm!r}; choose false, true (LayerNorm) or batchnorm")
         if norm == "batchnorm":
             self.norm = nn.BatchNorm1d(n_embd, affine=False, eps=1e-6)
         else:

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fmlab.errors import UserError
+
 LORA_PARAMS = ("lora_A", "lora_B")
 # The attention and MLP projections of fmlab.models.transformer.Block.
 DEFAULT_TARGETS = ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj")
@@ -54,12 +56,12 @@ def add_lora(
     """Swap every nn.Linear whose name ends with one of `targets` for a LoRALinear sharing its weight and bias;
     freezes everything else in `model`. Returns the adapted module names."""
     if r < 1:
-        raise ValueError(f"lora.r={r} must be at least 1")
+        raise UserError(f"lora.r={r} must be at least 1")
     names = [
         n for n, m in model.named_modules() if type(m) is nn.Linear and n.endswith(tuple(targets))
     ]
     if not names:
-        raise ValueError(f"lora.targets={list(targets)} match no linear layer of {type(model).__name__}")
+        raise UserError(f"lora.targets={list(targets)} match no linear layer of {type(model).__name__}")
     for p in model.parameters():
         p.requires_grad_(False)
     for name in names:

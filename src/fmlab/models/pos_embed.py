@@ -7,6 +7,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from fmlab.errors import UserError
+
 
 def sincos_1d(dim: int, positions: torch.Tensor) -> torch.Tensor:
     """(M,) positions -> (M, dim): half sines, half cosines at geometric frequencies (as in MAE)."""
@@ -21,7 +23,7 @@ def sincos_2d(dim: int, grid: tuple[int, int], num_prefix: int = 1) -> torch.Ten
     Prefix tokens (CLS) get zeros, as in MAE.
     """
     if dim % 4:
-        raise ValueError(f"sin-cos position embeddings need a width divisible by 4, got {dim}")
+        raise UserError(f"sin-cos position embeddings need a width divisible by 4, got {dim}")
     gh, gw = grid
     rows, cols = torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing="ij")
     table = torch.cat([sincos_1d(dim // 2, rows.flatten()), sincos_1d(dim // 2, cols.flatten())], dim=1)

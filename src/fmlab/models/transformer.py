@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fmlab.errors import UserError
+
 
 @dataclass
 class TransformerConfig:
@@ -46,9 +48,9 @@ class TransformerConfig:
                 if getattr(self, key) is None:
                     setattr(self, key, value)
         if self.n_embd % self.n_head:
-            raise ValueError(f"model.n_embd={self.n_embd} is not divisible by model.n_head={self.n_head}")
+            raise UserError(f"model.n_embd={self.n_embd} is not divisible by model.n_head={self.n_head}")
         if self.activation not in ACTIVATIONS:
-            raise ValueError(f"model.activation={self.activation!r}; choose one of {sorted(ACTIVATIONS)}")
+            raise UserError(f"model.activation={self.activation!r}; choose one of {sorted(ACTIVATIONS)}")
 
     @property
     def mlp_width(self) -> int:
@@ -63,7 +65,7 @@ class TransformerConfig:
 def preset(config_class: type[TransformerConfig], name: str) -> dict[str, Any]:
     """The fields of preset `name` of a family config class; an unknown name lists the known ones."""
     if name not in config_class.presets:
-        raise ValueError(f"model.size={name!r}; {config_class.__name__} has {sorted(config_class.presets)}")
+        raise UserError(f"model.size={name!r}; {config_class.__name__} has {sorted(config_class.presets)}")
     return config_class.presets[name]
 
 

@@ -11,6 +11,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from fmlab.errors import UserError
 from fmlab.models.backbone import Backbone
 from fmlab.models.pos_embed import interpolate_pos_embed, sincos_2d
 from fmlab.models.transformer import Transformer, TransformerConfig, init_weights, num_params, training_flops
@@ -48,11 +49,11 @@ class ViTConfig(TransformerConfig):
         if self.mae_decoder is None:
             self.mae_decoder = dict(PRESETS["mini"]["mae_decoder"])
         if self.pos_embed not in POS_EMBEDS:
-            raise ValueError(f"model.pos_embed={self.pos_embed!r}; choose one of {POS_EMBEDS}")
+            raise UserError(f"model.pos_embed={self.pos_embed!r}; choose one of {POS_EMBEDS}")
         if self.img_size is not None:
             h, w = pair(self.img_size)
             if h % self.patch_size or w % self.patch_size:
-                raise ValueError(
+                raise UserError(
                     f"model.img_size={self.img_size} is not divisible by model.patch_size={self.patch_size}"
                 )
 
@@ -63,7 +64,7 @@ class ViTConfig(TransformerConfig):
 
     def build(self) -> ViT:
         if self.img_size is None or self.in_chans is None:
-            raise ValueError("model.img_size and model.in_chans must be set (the image data module sets them)")
+            raise UserError("model.img_size and model.in_chans must be set (the image data module sets them)")
         return ViT(self)
 
 

@@ -74,6 +74,14 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
+class TrainingDiverged(UserError):
+    """The training loss or the weights stopped being finite: the run stops, no checkpoint is written from them."""
+
+
+def nonfinite_tensors(state: dict[str, Any]) -> list[str]:
+    return [k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point() and not v.isfinite().all()]
+
+
 def load_task(path: str | Path, checkpoint: dict[str, Any]) -> Task:
     """The task saved in `path` (read with fmlab.resolve.read_checkpoint), rebuilt from the class and
     hyper-parameters the checkpoint names."""
@@ -148,7 +156,25 @@ class Task(L.LightningModule):
     def log_lr(self) -> None:
         self.log("lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False)
 
+    def backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+        # Checked before backward, so a non-finite loss never reaches an optimizer step or a checkpoint.
+        if not torch.isfinite(loss.detach()).all():
+            raise TrainingDiverged(self.divergence_hint(f"train/loss: {loss.item()} at step {self.global_step}"))
+        super().backward(loss, *args, **kwargs)
+
+    def divergence_hint(self, what: str) -> str:
+        lr = self.hparams.optimizer.get("lr")
+        precision = str(self._trainer.precision) if self._trainer is not None else ""
+        fp16 = f", or fp16 overflows (trainer.precision={precision}: try bf16-mixed)" if "16-" in precision and \
+            not precision.startswith("bf") else ""
+        return (f"{what}: training diverged, the run stopped and wrote no checkpoint from these weights (the last "
+                f"good one is kept); usual cause: the learning rate task.optimizer.lr={lr} is too high{fp16}")
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        broken = nonfinite_tensors(checkpoint["state_dict"])
+        if broken:
+            raise TrainingDiverged(self.divergence_hint(
+                f"weights: {len(broken)} tensor(s) not finite at step {self.global_step} (e.g. {broken[0]})"))
         checkpoint["fmlab"] = self.extra_state
         # The class that reads this checkpoint back (eval.py), and the RNG state an exact resume continues from.
         checkpoint["task_class"] = f"{type(self).__module__}.{type(self).__qualname__}"

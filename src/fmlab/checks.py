@@ -1,0 +1,77 @@
+"""Checks a run makes before anything slow starts (tokenizing, building the model, W&B): the whole config resolves,
+the data options fit the data module the objective reads, and the run folder takes files. Each failure is a
+`UserError` naming the option."""
+
+from __future__ import annotations
+
+import inspect
+import tempfile
+from pathlib import Path
+
+import yaml
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import get_class
+from omegaconf import DictConfig, OmegaConf
+
+from fmlab.config import CONF_DIR
+from fmlab.errors import UserError
+
+# Keys of a data node that are not constructor arguments of its data module.
+DATA_NODE_KEYS = {"_target_", "_recursive_", "_convert_", "global_batch_size"}
+
+
+def check_run(cfg: DictConfig) -> None:
+    OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)  # every interpolation, every ??? value
+    check_data_options(cfg)
+    check_writable(Path(cfg.paths.output_dir))
+
+
+def choice(group: str) -> str | None:
+    return HydraConfig.get().runtime.choices.get(group) if HydraConfig.initialized() else None
+
+
+def preset_keys(name: str, conf_dir: Path = CONF_DIR) -> set[str]:
+    """Top-level keys of conf/data/<name>.yaml, its defaults included."""
+    node = yaml.safe_load((conf_dir / "data" / f"{name}.yaml").read_text()) or {}
+    keys = set(node) - {"defaults"}
+    for entry in node.get("defaults", []):
+        if isinstance(entry, str) and (conf_dir / "data" / f"{entry}.yaml").is_file():
+            keys |= preset_keys(entry, conf_dir)
+    return keys
+
+
+def accepted(cls: type) -> set[str]:
+    return set(inspect.signature(cls.__init__).parameters) - {"self"}
+
+
+def check_data_options(cfg: DictConfig) -> None:
+    """Every data option is an argument of the data module the objective reads; else name the data presets that
+    fit it (e.g. model=vit data=bbc_news: ViT's objectives read images)."""
+    target = cfg.data.get("_target_")
+    if not target:
+        raise UserError("data._target_: no data module; the objective (conf/task) names it")
+    cls = get_class(target)
+    unknown = sorted(set(cfg.data) - accepted(cls) - DATA_NODE_KEYS)
+    if not unknown:
+        return
+    fitting = sorted(p.stem for p in (CONF_DIR / "data").glob("*.yaml") if preset_keys(p.stem) <= accepted(cls))
+    data, model, task = choice("data"), choice("model"), choice("task")
+    raise UserError(
+        f"data={data}: its option(s) {unknown} are not options of {cls.__name__}, the data that "
+        f"{f'model={model} ' if model else ''}task={task} reads; choose one of data={'|'.join(fitting)}"
+    )
+
+
+def check_writable(run_dir: Path) -> None:
+    """The run folder exists and takes files (checkpoints, logs)."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=run_dir, prefix=".write-test-"):
+            pass
+    except OSError as err:
+        raise UserError(f"hydra.run.dir={run_dir}: cannot write there ({err.strerror or err}); choose a writable "
+                        "folder (hydra.run.dir or paths.log_dir)") from err
+    for sub in ("checkpoints", "csv"):
+        if (run_dir / sub).exists() and not (run_dir / sub).is_dir():
+            raise UserError(f"hydra.run.dir={run_dir}: {run_dir / sub} is a file, where the run writes a folder; "
+                            "move it or choose another run folder")
