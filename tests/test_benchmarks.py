@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["model.n_layer=1", "model.n_head=2", "model.n_embd=32", "model.block_size=32", "data.vocab_size=300"]
+SLEEP = 0.03  # seconds added to every forward pass of every competitor's model, so a step's time has a floor
 
 
 @pytest.fixture
@@ -20,18 +24,68 @@ def bench(tmp_path: Path, monkeypatch):
     monkeypatch.setitem(sys.modules, "throughput", module)  # dataclasses look their module up there
     spec.loader.exec_module(module)
     monkeypatch.setattr(module, "WORKDIR", tmp_path / "work")
+    monkeypatch.setattr(module, "OUT", tmp_path / "out")
     return module
+
+
+@pytest.fixture
+def slow_forward():
+    """Sleep in the token embedding (the one larger than block_size=32) of every model: once per step."""
+
+    def hook(module, args):
+        if isinstance(module, torch.nn.Embedding) and module.num_embeddings > 32:
+            time.sleep(SLEEP)
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(hook)
+    yield
+    handle.remove()
 
 
 @pytest.mark.parametrize("name, runners", [
     ("tiny", ["raw loop", "fmlab (bare)", "fmlab"]),
     ("bert", ["raw loop", "fmlab", "HF Trainer"]),
 ])
-def test_every_competitor_trains_the_workload(bench, name: str, runners: list[str], tmp_path: Path, one_thread) -> None:
+def test_every_competitor_trains_the_workload(bench, name: str, runners: list[str], tmp_path: Path, monkeypatch,
+                                              one_thread, slow_forward) -> None:
+    """The benchmark's own main() on one round: every runner's step times span its forward pass and fit in the
+    wall time of its chunk, and the report has a row for every runner, computed from those times."""
     workload = bench.WORKLOADS[name]
     overrides = [*workload.overrides, *TINY, f"paths.cache_dir={tmp_path / 'cache'}"]
-    cfg, dm, competitors = bench.build(dataclasses.replace(workload, overrides=overrides), "32", 4)
-    assert [c.name for c in competitors] == runners
-    for competitor in competitors:
-        times = competitor.run(3)
-        assert len(times) == 3 and min(times) > 0, competitor.name
+    monkeypatch.setitem(bench.WORKLOADS, name, dataclasses.replace(workload, overrides=overrides))
+    chunks: dict[str, list[tuple[int, float, list[float]]]] = {}  # runner -> (steps asked, wall s, step times)
+    build = bench.build
+
+    def build_and_watch(*args):
+        cfg, dm, competitors = build(*args)
+        for competitor in competitors:
+            def run(steps: int, c=competitor, run=competitor.run) -> list[float]:
+                start = time.perf_counter()
+                times = run(steps)
+                chunks.setdefault(c.name, []).append((steps, time.perf_counter() - start, list(times)))
+                return times
+            competitor.run = run
+        return cfg, dm, competitors
+
+    monkeypatch.setattr(bench, "build", build_and_watch)
+    monkeypatch.setattr(sys, "argv", ["throughput.py", "--workload", name, "--precision", "32", "--rounds", "1",
+                                      "--steps", "3", "--drop", "1", "--batch-size", "4", "--threads", "1"])
+    bench.main()
+
+    assert list(chunks) == runners
+    for runner, runs in chunks.items():
+        assert [steps for steps, _, _ in runs] == [2, 3], runner  # the warm-up chunk (drop + 1), then one round
+        for steps, wall, times in runs:
+            assert len(times) == steps and min(times) >= SLEEP and sum(times) <= wall, (runner, times, wall)
+    result = json.loads((tmp_path / "out" / f"{name}-32-t1.json").read_text())
+    rows = result["results"]
+    assert list(rows) == runners and result["batch_size"] == 4
+    for runner, row in rows.items():
+        timed = [t * 1000 for t in chunks[runner][1][2][1:]]  # the round's chunk less its first (dropped) step
+        assert row["steps"] == 2 and row["min_ms"] == pytest.approx(min(timed)), runner
+        assert row["min_ms"] <= row["median_ms"] <= row["p90_ms"] <= max(timed) + 1e-6, runner
+        assert row["per_s"] == pytest.approx(4 * 32 / (row["median_ms"] / 1000)), runner
+        assert row["vs_raw"] == pytest.approx(rows["raw loop"]["median_ms"] / row["median_ms"]), runner
+        assert row["first_step_s"] >= SLEEP, runner
+    assert rows["raw loop"]["vs_raw"] == 1.0
+    table = (tmp_path / "out" / f"{name}-32-t1.md").read_text()
+    assert all(f"| {runner} |" in table for runner in runners)

@@ -1,5 +1,5 @@
-"""DDP on CPU (2 gloo processes) under Hydra: one run folder, and the validation loss of one process with the same
-global batch; `data.global_batch_size` derives gradient accumulation."""
+"""DDP on CPU (2 gloo processes) under Hydra: one run folder, and the training loss of every step and the validation
+loss of one process with the same global batch; `data.global_batch_size` derives gradient accumulation."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning as L
 import pytest
 
 from fmlab.runtime import accumulation
@@ -19,11 +20,36 @@ ROOT = Path(__file__).resolve().parents[1]
 # Gradients averaged over ranks equal the one-process gradient up to float summation order; the validation set is
 # padded by Lightning's distributed sampler to a multiple of 2, which moves the mean by at most one repeated window.
 DDP_TOLERANCE = 2e-3
+# The training loss of a step has no padding: the two ranks' micro-batches are the one-process batch split in two,
+# so only float summation order (the gradient all-reduce) separates the runs.
+STEP_TOLERANCE = 1e-5
 
 
 def last_val_loss(run_dir: Path) -> float:
     with open(run_dir / "csv" / "metrics.csv") as f:
         return [float(r["val/loss"]) for r in csv.DictReader(f) if r.get("val/loss")][-1]
+
+
+class StepLosses(L.Callback):
+    """Each rank's own training loss after every optimizer step, one `step loss` line in <folder>/rank<r>.txt (the
+    CSV log holds rank 0's alone)."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = Path(folder)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with open(self.folder / f"rank{trainer.global_rank}.txt", "a") as f:
+            f.write(f"{trainer.global_step} {float(outputs['loss'])!r}\n")
+
+
+def record_losses(folder: Path) -> list[str]:
+    return [f"+callbacks.step_losses._target_={__name__}.StepLosses", f"+callbacks.step_losses.folder={folder}"]
+
+
+def step_losses(folder: Path, rank: int) -> dict[int, float]:
+    rows = [line.split() for line in (folder / f"rank{rank}.txt").read_text().splitlines()]
+    return {int(step): float(loss) for step, loss in rows}
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +60,7 @@ def setup(tmp_path_factory) -> tuple[Path, list[str]]:
         f"data.source={corpus}", f"paths.cache_dir={root / 'cache'}", "trainer.max_steps=6",
         "trainer.val_check_interval=6", "validate_before_fit=false",
     ]
-    train(compose_config([*overrides, "data.batch_size=8"], root / "single"))
+    train(compose_config([*overrides, "data.batch_size=8", *record_losses(root / "single_losses")], root / "single"))
     return root, overrides
 
 
@@ -54,7 +80,7 @@ def test_two_process_ddp_matches_one_process(setup) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     proc = subprocess.run(
         [sys.executable, "train.py", "-m", *overrides, "trainer=ddp_cpu", "data.batch_size=4",
-         f"hydra.sweep.dir={sweep}"],
+         *record_losses(root / "ddp_losses"), f"hydra.sweep.dir={sweep}"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=400,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -62,6 +88,15 @@ def test_two_process_ddp_matches_one_process(setup) -> None:
     run_dir = sweep / "0"
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
     assert (run_dir / "train_rank1.log").is_file(), "rank 1 logs into the job's folder"
+    single = step_losses(root / "single_losses", 0)
+    rank0, rank1 = step_losses(root / "ddp_losses", 0), step_losses(root / "ddp_losses", 1)
+    assert list(single) == list(rank0) == list(rank1) == [1, 2, 3, 4, 5, 6], "both ranks take every step"
+    assert rank0[1] != rank1[1], "each rank trains on its own half of the global batch"
+    # Every window holds as many targets, so the one-process batch mean is the mean of the two half-batch means.
+    ddp = {step: (rank0[step] + rank1[step]) / 2 for step in single}
+    for step, loss in single.items():
+        assert ddp[step] == pytest.approx(loss, abs=STEP_TOLERANCE), f"step {step}: {ddp} vs {single}"
+    assert single[6] < single[1], "the runs compared are training"
     assert last_val_loss(run_dir) == pytest.approx(last_val_loss(root / "single"), abs=DDP_TOLERANCE)
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from fmlab import training
 from fmlab.data.sources import read_bbc_news
 from fmlab.data.tokenizer import train_bpe
 from fmlab.errors import UserError
@@ -84,16 +85,29 @@ def test_finetune_starts_from_the_pretrained_backbone_and_writes_test_metrics(ml
     assert saved["hyper_parameters"]["model"]["n_embd"] == 32
 
 
-def test_linear_probe_leaves_the_backbone_bit_identical(mlm_run: Path, root: Path) -> None:
+def test_linear_probe_leaves_the_backbone_bit_identical(mlm_run: Path, root: Path, monkeypatch) -> None:
     ckpt = mlm_run / "checkpoints" / "last.ckpt"
+    initial: dict[str, torch.Tensor] = {}  # the head train() starts from, copied before the first step
+    build = training.build_task
+
+    def build_and_copy_head(*args, **kwargs):
+        task = build(*args, **kwargs)
+        initial.update({k: v.detach().clone() for k, v in task.head.state_dict().items()})
+        return task
+
+    monkeypatch.setattr(training, "build_task", build_and_copy_head)
     train(finetune_config(root, "probe", f"pretrained={ckpt}", "task.finetune_mode=linear_probe"))
     pretrained = backbone(torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"])
     tuned = torch.load(root / "probe" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     for k, v in backbone(tuned["state_dict"]).items():
         assert torch.equal(v, pretrained[k]), k
+    head = {k.removeprefix("head."): v for k, v in tuned["state_dict"].items() if k.startswith("head.")}
+    assert set(head) == set(initial) == {"classifier.weight", "classifier.bias"}
+    for k, v in head.items():  # 20 AdamW steps at lr 1e-3 (2 of warm-up) move some entry of each by ~5e-3 or more
+        assert (v - initial[k]).abs().max() > 2e-3, f"{k} barely moved from its init"
     assert values(read_metrics(root / "probe"), "val/acc")
-    head = tuned["state_dict"]["head.classifier.weight"]
-    assert head.abs().sum() > 0 and not torch.equal(head, torch.zeros_like(head))
+    val = values(read_metrics(root / "probe"), "val/loss")
+    assert len(val) >= 2 and val[-1] < val[0], f"the probe's val/loss {val[0]:.3f} -> {val[-1]:.3f}"
 
 
 def test_lora_trains_only_adapters_and_head(mlm_run: Path, root: Path) -> None:
@@ -120,7 +134,33 @@ def test_gpt_finetune_pools_the_last_token(root: Path) -> None:
     cfg = json.loads((root / "gpt" / "test_metrics.json").read_text())
     assert "test/acc" in cfg["metrics"]
     task = ClassificationTask.load_from_checkpoint(root / "gpt" / "checkpoints" / "last.ckpt", map_location="cpu")
+    task.eval()
     assert task.head.pooling == "last"
+    vocab = task.model.config.vocab_size
+    ids = torch.randint(0, vocab, (2, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, 8:] = 0  # row 1: eight real tokens, then right padding as the collate pads
+
+    def logits(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return task({"input_ids": ids, "attention_mask": mask})
+
+    def changed(ids: torch.Tensor, *positions: int) -> torch.Tensor:
+        out = ids.clone()
+        for p in positions:
+            out[1, p] = (ids[1, p] + 1) % vocab
+        return out
+
+    base = logits(ids, mask)
+    with torch.no_grad():  # the classifier reads the hidden state of each row's last real token
+        expected = task.head.classifier(task.model.encode(ids)[[0, 1], [11, 7]])
+    torch.testing.assert_close(base, expected)
+    # padding after the last real token is never read: other pad ids, or no padding at all, give the same logits
+    torch.testing.assert_close(logits(changed(ids, 8, 9, 10, 11), mask), base, rtol=0, atol=1e-6)
+    torch.testing.assert_close(logits(ids[1:, :8], mask[1:, :8])[0], base[1])
+    for position in (7, 0):  # the last real token, and the first token it has read through causal attention
+        moved = (logits(changed(ids, position), mask) - base).abs()
+        assert moved[1].max() > 1e-4 and moved[0].max() == 0, f"position {position}"
 
 
 def test_tokenizer_that_does_not_match_the_checkpoint_is_an_error(mlm_run: Path, root: Path) -> None:

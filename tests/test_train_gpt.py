@@ -10,6 +10,7 @@ import torch
 from lightning.pytorch.plugins.precision import MixedPrecision
 from torch.utils.data import DataLoader
 
+from fmlab import training
 from fmlab.tasks.base import param_groups, warmup_cosine
 from fmlab.tasks.causal_lm import CausalLMTask
 from fmlab.training import train
@@ -17,13 +18,29 @@ from tests.conftest import TINY_GPT, compose_config, read_metrics, values, write
 
 
 @pytest.fixture(scope="module")
-def trained_run(tmp_path_factory) -> Path:
-    """One tiny pre-training run shared by the tests of this module."""
+def trained(tmp_path_factory) -> tuple[Path, CausalLMTask]:
+    """One tiny pre-training run shared by the tests of this module: its folder, and the task train() fitted, as
+    it stands in memory when training ends."""
     root = tmp_path_factory.mktemp("gpt")
     corpus = write_corpus(root / "corpus")
-    train(compose_config([*TINY_GPT, f"data.source={corpus}", f"paths.cache_dir={root / 'cache'}",
-                          "trainer.max_steps=60"], root / "run"))
-    return root / "run"
+    tasks: list[CausalLMTask] = []
+    build = training.build_task
+
+    def build_and_keep(*args, **kwargs) -> CausalLMTask:
+        tasks.append(build(*args, **kwargs))
+        return tasks[-1]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(training, "build_task", build_and_keep)
+        train(compose_config([*TINY_GPT, f"data.source={corpus}", f"paths.cache_dir={root / 'cache'}",
+                              "trainer.max_steps=60"], root / "run"))
+    (task,) = tasks
+    return root / "run", task
+
+
+@pytest.fixture(scope="module")
+def trained_run(trained) -> Path:
+    return trained[0]
 
 
 def test_pretraining_lowers_validation_loss(trained_run: Path) -> None:
@@ -37,16 +54,27 @@ def test_pretraining_lowers_validation_loss(trained_run: Path) -> None:
     assert (trained_run / "tokenizer.json").is_file()
 
 
-def test_checkpoint_round_trip_gives_same_logits(trained_run: Path) -> None:
+def test_checkpoint_round_trip_gives_same_logits(trained) -> None:
+    """The model training ended with, saved and loaded back (by Lightning, and by hand from the tensors alone),
+    computes the same logits; the run's other checkpoint file (the best step's) does exactly when it is of step 60."""
+    trained_run, fitted = trained
+    fitted = fitted.cpu().eval()
+    assert fitted.global_step == 60
     ckpt = trained_run / "checkpoints" / "last.ckpt"
     task = CausalLMTask.load_from_checkpoint(ckpt, map_location="cpu").eval()
     raw = torch.load(ckpt, map_location="cpu", weights_only=True)  # nothing pickled beyond tensors/containers
-    assert "tokenizer" in raw["fmlab"]
+    assert "tokenizer" in raw["fmlab"] and raw["global_step"] == 60
     rebuilt = CausalLMTask(raw["hyper_parameters"]["model"], {}, {}).eval()
     rebuilt.load_state_dict(raw["state_dict"])
+    (best,) = {p for p in (trained_run / "checkpoints").glob("*.ckpt") if p.name != "last.ckpt"}
+    other = CausalLMTask.load_from_checkpoint(best, map_location="cpu").eval()
     x = torch.randint(0, raw["hyper_parameters"]["model"]["vocab_size"], (2, 16))
     with torch.no_grad():
-        assert torch.equal(task.model(x)[0], rebuilt.model(x)[0])
+        logits = fitted.model(x)[0]
+        assert torch.equal(task.model(x)[0], logits) and torch.equal(rebuilt.model(x)[0], logits)
+        same = torch.equal(other.model(x)[0], logits)
+    step = torch.load(best, map_location="cpu", weights_only=True)["global_step"]
+    assert same == (step == 60), f"{best.name}, of step {step}"
 
 
 def test_continuing_from_checkpoint_resumes_step(trained_run: Path, make_config, tmp_path: Path) -> None:

@@ -68,6 +68,10 @@ def one_line(err: BaseException) -> str:
         return (f"{err.filename}: cannot write the run folder ({err.strerror}); choose a writable "
                 "hydra.run.dir or paths.log_dir")
     text = str(err) or type(err).__name__
+    key = getattr(err, "full_key", None)
+    if isinstance(err, OmegaConfBaseException) and key and not text.startswith(key):
+        hint = "; set it on the command line" if "Missing mandatory" in text else ""
+        text = f"{key}: {text.splitlines()[0]}{hint}"
     override = re.match(r"Could not override '([^']+)'", text)
     parts: list[str] = [f"{override.group(1)}: no such option"] if override else []
     listing: list[str] | None = None  # the items after a line ending in ':' (Hydra's available options)

@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import re
-import zipfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,13 +52,15 @@ def read_checkpoint(path: str | Path, option: str = "ckpt_path") -> dict[str, An
     if not path.is_file():
         raise UserError(f"{option}={path}: no such file")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, zipfile.BadZipFile) as err:
-        if "weights_only" in str(err) or "Unsupported global" in str(err):
-            raise UserError(f"{option}={path}: refused, the file holds pickled code, not only weights") from err
-        raise UserError(f"{option}={path}: not a readable checkpoint (truncated or corrupt)") from err
+        with warnings.catch_warnings():  # torch warns about the pickle protocol of files it then reads or refuses
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # unpickling errors have many types
-        raise UserError(f"{option}={path}: not a readable checkpoint ({type(err).__name__})") from err
+        if "unsupported global" in str(err).lower():  # a GLOBAL naming code, which weights_only refuses to run
+            raise UserError(f"{option}={path}: refused: the file holds pickled code, not only weights; load only "
+                            "checkpoints you trust, and never with weights_only=False") from err
+        raise UserError(f"{option}={path}: not a readable checkpoint (truncated or corrupt, or not a checkpoint)") \
+            from err
 
 
 def model_state(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:

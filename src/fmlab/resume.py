@@ -1,4 +1,5 @@
-"""Continuing a run: which checkpoint to resume from, and the random-number state a checkpoint carries."""
+"""Continuing a run: which checkpoint to resume from, the random-number state a checkpoint carries, and the logger
+runs (W&B) a resumed run continues."""
 
 from __future__ import annotations
 
@@ -9,13 +10,17 @@ from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, open_dict
 
 from fmlab.config import is_multirun
+from fmlab.errors import UserError
+from fmlab.resolve import read_checkpoint
 
 log = logging.getLogger(__name__)
 
 LAST = "last.ckpt"
+LOGGER_IDS = "logger_ids"  # checkpoint key: logger kind -> run id (written by fmlab.callbacks.WandbResume)
 
 
 def find_last_checkpoint(run_dir: str | Path) -> Path | None:
@@ -48,17 +53,17 @@ def resolve_ckpt_path(cfg: DictConfig) -> str | None:
     ckpt_path, resume = cfg.get("ckpt_path"), cfg.get("resume")
     if ckpt_path not in (None, "last"):
         if not Path(ckpt_path).is_file():
-            raise FileNotFoundError(f"ckpt_path={ckpt_path} does not exist")
+            raise UserError(f"ckpt_path={ckpt_path}: no such file")
         return str(ckpt_path)
     if ckpt_path != "last" and resume in (None, False, "never"):
         return None
     if resume not in (None, False, "auto", True) and ckpt_path != "last":
-        raise ValueError(f"resume={resume!r}; use resume=auto (or ckpt_path=last), or leave it unset")
+        raise UserError(f"resume={resume!r}; use resume=auto (or ckpt_path=last), or leave it unset")
     run_dir = cfg.get("run_dir")
     if run_dir:
         found = find_last_checkpoint(run_dir)
         if found is None:
-            raise FileNotFoundError(f"run_dir={run_dir} holds no {LAST} to resume from")
+            raise UserError(f"run_dir={run_dir}: holds no {LAST} to resume from")
     else:  # this folder first: a requeued job or a fixed hydra.run.dir continues where it stopped
         found = find_last_checkpoint(cfg.paths.output_dir)
         if found is None and not is_multirun():  # a sweep job continues only itself
@@ -93,3 +98,52 @@ def set_rng_states(states: dict[str, Any]) -> None:
     cuda = states.get("cuda")
     if cuda is not None and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(cuda)
+
+
+def logger_overrides(ckpt_path: str | Path | None) -> dict[str, dict]:
+    """Logger arguments that continue the runs a checkpoint was logged to, by logger kind: `{"wandb": {"id": <run
+    id>, "resume": "allow"}}` when the checkpoint carries a W&B run id (fmlab.callbacks.WandbResume), else `{}`."""
+    if not ckpt_path:
+        return {}
+    ids = read_checkpoint(ckpt_path).get(LOGGER_IDS) or {}
+    return {"wandb": {"id": str(ids["wandb"]), "resume": "allow"}} if ids.get("wandb") else {}
+
+
+def is_wandb_node(node: Any) -> bool:
+    """A logger config node that builds a Lightning `WandbLogger` (or a subclass)."""
+    import hydra
+    from lightning.pytorch.loggers import WandbLogger
+
+    if not isinstance(node, DictConfig) or "_target_" not in node:
+        return False
+    try:
+        target = hydra.utils.get_class(node._target_)
+    except Exception:  # noqa: BLE001 - a target that does not import is instantiate's error to report, not ours
+        return False
+    return isinstance(target, type) and issubclass(target, WandbLogger)
+
+
+def resume_logger_runs(cfg: DictConfig, ckpt_path: str | Path | None) -> DictConfig | None:
+    """`cfg.logger`, its W&B nodes given the run id `ckpt_path` carries (`logger_overrides`, merged in place), so a
+    resumed run logs to the W&B run it continues.
+
+    A node that sets `id` or `version` itself keeps it. A sweep job takes the id only from a checkpoint in its own
+    folder (the job requeued): jobs that all start from one `ckpt_path=` each get their own run.
+    """
+    loggers = cfg.get("logger")
+    if not ckpt_path or not loggers or rank_zero_only.rank != 0:
+        return loggers  # only rank 0 has a W&B run: the other ranks need not read the checkpoint
+    names = [name for name, node in loggers.items()
+             if is_wandb_node(node) and node.get("id") is None and node.get("version") is None]
+    if not names:
+        return loggers  # no W&B logger to continue: the checkpoint is not read
+    if is_multirun() and not Path(ckpt_path).resolve().is_relative_to(Path(cfg.paths.output_dir).resolve()):
+        log.info("Sweep job resumed from %s, outside its folder: it starts its own W&B run", ckpt_path)
+        return loggers
+    overrides = logger_overrides(ckpt_path).get("wandb")
+    if overrides:
+        with open_dict(loggers):
+            for name in names:
+                loggers[name].merge_with(overrides)
+        log.info("Continuing W&B run %s", overrides["id"])
+    return loggers

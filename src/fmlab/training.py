@@ -12,17 +12,19 @@ from typing import Any
 
 import hydra
 import lightning as L
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 from tokenizers import Tokenizer
 
 import fmlab.config  # noqa: F401  (registers the config resolvers)
+from fmlab.callbacks.preemption import exit_preempted
 from fmlab.checks import check_run
 from fmlab.cli import is_user_error, log_to_file, one_line
 from fmlab.config import is_multirun
 from fmlab.data.base import DataInfo
 from fmlab.errors import UserError
 from fmlab.resolve import Pretrained, load_pretrained, tokenizer_json
-from fmlab.resume import resolve_ckpt_path
+from fmlab.resume import resolve_ckpt_path, resume_logger_runs
 from fmlab.runtime import build_trainer, quiet_console, rank_zero_print
 from fmlab.tasks.base import Task, to_plain
 from fmlab.tasks.pretrained import backbone_config, load_backbone
@@ -207,7 +209,7 @@ def train(cfg: DictConfig) -> float:
     if cfg.get("compile"):
         task.model.compile()  # in place: state-dict keys and checkpoints stay those of the plain model
     callbacks = instantiate_list(cfg.get("callbacks"), "callback")
-    loggers = instantiate_list(cfg.get("logger"), "logger")
+    loggers = instantiate_list(resume_logger_runs(cfg, ckpt_path), "logger")  # continue the checkpoint's W&B run
     trainer = build_trainer(cfg, callbacks, loggers)
 
     resolved = OmegaConf.to_container(cfg, resolve=True)
@@ -220,7 +222,10 @@ def train(cfg: DictConfig) -> float:
     initial: dict[str, float] = {}
     if cfg.get("validate_before_fit") and not ckpt_path:
         initial = trainer.validate(task, datamodule=datamodule, verbose=False)[0]
-    trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path)
+    try:
+        trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path)
+    except SIGTERMException:  # a preemption signal: last.ckpt is saved (fmlab/callbacks/preemption.py)
+        exit_preempted(trainer)  # one line, then exit status 75 for the scheduler to requeue
     name = cfg.get("optimized_metric")
     if name and name.startswith("val/") and name not in trainer.callback_metrics:
         trainer.validate(task, datamodule=datamodule, verbose=False)  # no validation ran: the sweeper needs one

@@ -1,7 +1,10 @@
-"""Lightning callbacks and plugins of the training runtime: atomic checkpoints, throughput and MFU."""
+"""Lightning callbacks and plugins of the training runtime: atomic checkpoints, throughput and MFU, preemption, the
+W&B run across a resume."""
 
 from fmlab.callbacks.checkpoint import AtomicCheckpointIO
+from fmlab.callbacks.preemption import PreemptionCheckpoint
 from fmlab.callbacks.progress import ProgressBar
 from fmlab.callbacks.throughput import Throughput
+from fmlab.callbacks.wandb_resume import WandbResume
 
-__all__ = ["AtomicCheckpointIO", "ProgressBar", "Throughput"]
+__all__ = ["AtomicCheckpointIO", "PreemptionCheckpoint", "ProgressBar", "Throughput", "WandbResume"]

@@ -93,6 +93,33 @@ class Backbone(nn.Module):
         """Positions one sample occupies in the transformer."""
         raise NotImplementedError
 
+    def batch_sequence_length(self, inputs: dict[str, torch.Tensor]) -> int:
+        """Positions each sample of this batch occupies: the padded width of `input_ids` (fine-tuning pads per
+        batch, often far below `block_size`), else `sequence_length()`."""
+        ids = inputs.get("input_ids")
+        return ids.shape[-1] if ids is not None else self.sequence_length()
+
+    def encode_weights(self, trainable_only: bool = False) -> int:
+        """Weights `encode` multiplies: all but lookup tables (embeddings, position tables), which cost no matmul,
+        and the pre-training heads, which `encode` never runs; `trainable_only` counts those with a gradient."""
+        heads = [getattr(self, name, None) for name in self.pretraining_heads]
+        skip = [p for head in heads if head is not None for p in head.parameters()]
+        skip += [p for m in self.modules() if isinstance(m, nn.Embedding) for p in m.parameters()]
+        params = dict(self.named_parameters())
+        skip += [params[name] for name in self.position_tables if name in params]
+        if trainable_only:
+            skip += [p for p in params.values() if not p.requires_grad]
+        return num_params(self, exclude=tuple(skip))
+
+    def encode_flops(self, seq_len: float | None = None) -> float:
+        """Training FLOPs of one sample of `seq_len` positions (default `sequence_length()`) through `encode` alone,
+        as it is trained now: weight gradients only for trainable weights (LoRA: the adapters), and no backward at
+        all when nothing in it trains (a frozen backbone under a linear probe)."""
+        trained = self.encode_weights(trainable_only=True)
+        backward = any(p.requires_grad for p in self.parameters())  # the gradient then runs through every block
+        return training_flops(self.encode_weights(), self.num_layers, self.width,
+                              self.sequence_length() if seq_len is None else seq_len, trained, backward)
+
     def num_params(self) -> int:
         return num_params(self)
 

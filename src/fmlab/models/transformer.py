@@ -211,7 +211,18 @@ def num_params(model: nn.Module, exclude: tuple[nn.Parameter, ...] = ()) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values() if id(p) not in skip)
 
 
-def training_flops(matmul_params: int, n_layer: int, n_embd: int, seq_len: int) -> int:
-    """Forward + backward FLOPs of one sequence of `seq_len` tokens: 6 per weight per token for the matmuls, plus
-    12 L C T per token for attention scores and weighted values (PaLM appendix B; nanoGPT's estimate_mfu)."""
-    return (6 * matmul_params + 12 * n_layer * n_embd * seq_len) * seq_len
+def training_flops(
+    matmul_params: int, n_layer: int, n_embd: int, seq_len: float, trained_params: int | None = None,
+    backward: bool = True,
+) -> float:
+    """Forward + backward FLOPs of one sequence of `seq_len` tokens (PaLM appendix B; nanoGPT's estimate_mfu).
+
+    Per token: 2 per weight forward, 2 for the input's gradient and 2 for the weight's gradient, so 6 per weight;
+    attention scores and weighted values 4 L C T forward and 8 L C T backward, so 12 L C T. A frozen weight
+    (`trained_params` counts the others, default all) has no weight gradient; `backward=False` (nothing in the
+    stack trains: a linear probe) leaves the forward only.
+    """
+    trained = matmul_params if trained_params is None else trained_params
+    passes = 3 if backward else 1
+    weights = 2 * matmul_params + (2 * matmul_params + 2 * trained if backward else 0)
+    return (weights + passes * 4 * n_layer * n_embd * seq_len) * seq_len

@@ -12,8 +12,10 @@ import torch
 from torch import nn
 from torchmetrics import MeanMetric
 
+from fmlab.errors import UserError
 from fmlab.models.backbone import Backbone
 from fmlab.models.lora import add_lora
+from fmlab.models.transformer import num_params
 from fmlab.tasks.base import Task, to_plain
 from fmlab.tasks.lr_decay import layer_decay_groups
 
@@ -44,9 +46,9 @@ class FinetuneTask(Task):
             model = {**to_plain(model), "drop_path": drop_path}
         super().__init__(model, optimizer, scheduler)
         if finetune_mode not in FINETUNE_MODES:
-            raise ValueError(f"task.finetune_mode={finetune_mode!r}; choose one of {FINETUNE_MODES}")
+            raise UserError(f"task.finetune_mode={finetune_mode!r}; choose one of {FINETUNE_MODES}")
         if layer_decay is not None and not 0 < layer_decay <= 1:
-            raise ValueError(f"task.layer_decay={layer_decay} must be in (0, 1]")
+            raise UserError(f"task.layer_decay={layer_decay} must be in (0, 1]")
         lora = {"r": 8, "alpha": 16.0, "dropout": 0.0, **(to_plain(lora) or {})}
         lora["targets"] = list(lora.get("targets") or self.model.lora_targets)
         self.save_hyperparameters({**self.hparams, "finetune_mode": finetune_mode, "layer_decay": layer_decay,
@@ -117,6 +119,28 @@ class FinetuneTask(Task):
 
     def on_test_epoch_end(self) -> None:
         self.log_eval("test")
+
+    def flops_per_batch(self, batch: dict[str, torch.Tensor]) -> float:
+        """Training FLOPs of this batch as it runs: every sample at the batch's padded length (not `block_size`)."""
+        inputs = self.model.encode_inputs(batch)
+        samples = next(iter(inputs.values())).shape[0]
+        return samples * self.flops_per_sample(self.model.batch_sequence_length(inputs))
+
+    def flops_per_sample(self, seq_len: int | None = None) -> float:
+        """Training FLOPs of one sample of `seq_len` positions (default the backbone's longest): `encode` as the
+        mode trains it (`Backbone.encode_flops`: a linear probe runs forward only, LoRA computes no gradient for
+        frozen weights) plus the head; no vocabulary projection, the pre-training heads are gone."""
+        return self.model.encode_flops(seq_len) + self.head_flops()
+
+    def head_flops(self) -> float:
+        """Training FLOPs of the head for one sample: 6 per weight, once, since it reads one pooled vector; a head
+        on every position (token classification) overrides this."""
+        return 6 * num_params(self.head)
+
+    def tokens_per_batch(self, batch: dict[str, torch.Tensor]) -> int | None:
+        """Positions this batch feeds the backbone, padding included (the matmuls compute it); None for images."""
+        ids = batch.get("input_ids")
+        return ids.numel() if ids is not None else None
 
     def parameter_groups(self) -> list[dict]:
         if self.layer_decay is None:

@@ -15,6 +15,7 @@ import torch
 from torchmetrics import MeanMetric
 from torchvision.utils import make_grid, save_image
 
+from fmlab.errors import UserError
 from fmlab.models.mae_decoder import MAEDecoder, patchify, unpatchify
 from fmlab.models.transformer import num_params, training_flops
 from fmlab.tasks.base import Task, to_plain
@@ -29,7 +30,7 @@ def random_masking(
     ids_restore (B, n)). Exactly n - int(n * (1 - mask_ratio)) patches of every sample are masked."""
     n_keep = int(n * (1 - mask_ratio))
     if not 0 < n_keep <= n:
-        raise ValueError(f"mask_ratio={mask_ratio} leaves {n_keep} of {n} patches visible; keep at least one")
+        raise UserError(f"mask_ratio={mask_ratio} leaves {n_keep} of {n} patches visible; keep at least one")
     noise = torch.rand(batch, n, generator=generator).to(device)
     ids_shuffle = noise.argsort(dim=1)  # ascending: the first n_keep are kept
     ids_restore = ids_shuffle.argsort(dim=1)
@@ -54,7 +55,7 @@ class MAETask(Task):
     ) -> None:
         super().__init__(model, optimizer, scheduler)
         if not all(hasattr(self.model, name) for name in ("embed", "encode_tokens", "num_patches")):
-            raise ValueError(f"masked autoencoding needs a patch-token backbone (embed, encode_tokens, num_patches, "
+            raise UserError(f"masked autoencoding needs a patch-token backbone (embed, encode_tokens, num_patches, "
                              f"like ViT); {type(self.model).__name__} has none")
         # The decoder of the backbone's size (fmlab/models/vit.py presets), with the task's non-null keys on top.
         decoder = {**self.model.config.mae_decoder, **{k: v for k, v in (to_plain(decoder) or {}).items()
@@ -88,14 +89,22 @@ class MAETask(Task):
 
     sample_unit = "images"
 
-    def flops_per_sample(self) -> int:
-        """Training FLOPs of one image: the encoder on the visible patches + CLS, the decoder on all patches + CLS."""
-        enc, dec, n = self.model.config, self.decoder, self.model.num_patches
-        visible = n - int(n * self.mask_ratio) + 1
-        encoder_weights = num_params(self.model, exclude=(self.model.pos_embed,))
+    def flops_per_sample(self) -> float:
+        """Training FLOPs of one image, each part at the positions it runs on: the patch embedding on all N patches
+        (forward and weight gradient; pixels need no gradient), the encoder's blocks and the decoder's input
+        projection on the visible patches + CLS, the decoder's blocks on all patches + CLS, its pixel predictor on
+        the N patches."""
+        vit, dec, n = self.model, self.decoder, self.model.num_patches
+        visible = int(n * (1 - self.mask_ratio)) + 1  # as `random_masking` keeps them, plus CLS
+        patch_embed = tuple(vit.patch_embed.parameters())
+        encoder_blocks = num_params(vit, exclude=(vit.pos_embed, *patch_embed))
         dec_layers, dec_width = len(dec.transformer.blocks), dec.mask_token.shape[-1]
-        return training_flops(encoder_weights, enc.n_layer, enc.n_embd, visible) + training_flops(
-            num_params(dec), dec_layers, dec_width, n + 1
+        return (
+            4 * num_params(vit.patch_embed) * n
+            + training_flops(encoder_blocks, vit.config.n_layer, vit.config.n_embd, visible)
+            + 6 * num_params(dec.proj_in) * visible
+            + training_flops(num_params(dec.transformer), dec_layers, dec_width, n + 1)
+            + 6 * num_params(dec.pred) * n
         )
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:

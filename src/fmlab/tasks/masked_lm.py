@@ -10,6 +10,8 @@ from tokenizers import Tokenizer
 from torchmetrics import MeanMetric
 
 from fmlab.data.tokenizer import find_token, special_token_ids
+from fmlab.errors import UserError
+from fmlab.models.transformer import num_params
 from fmlab.tasks.base import Task
 
 MASK_TOKENS = ("<mask>", "[MASK]")
@@ -73,7 +75,7 @@ class MaskedLMTask(Task):
     ) -> None:
         super().__init__(model, optimizer, scheduler)
         if not 0 < mask_prob < 1:
-            raise ValueError(f"task.mask_prob={mask_prob} must be in (0, 1)")
+            raise UserError(f"task.mask_prob={mask_prob} must be in (0, 1)")
         self.save_hyperparameters({**self.hparams, "mask_prob": mask_prob, "whole_word_mask": whole_word_mask})
         self.mask_prob, self.whole_word_mask = mask_prob, whole_word_mask
         self.nsp = bool(getattr(self.model.config, "nsp", False))
@@ -88,7 +90,7 @@ class MaskedLMTask(Task):
             tok = Tokenizer.from_str(self.extra_state["tokenizer"])
             mask_id = find_token(tok, MASK_TOKENS)
             if mask_id is None:
-                raise ValueError(f"the tokenizer has no mask token (one of {MASK_TOKENS})")
+                raise UserError(f"the tokenizer has no mask token (one of {MASK_TOKENS})")
             special = torch.zeros(self.model.config.vocab_size, dtype=torch.bool)
             special[special_token_ids(tok)] = True
             self._tokens = {
@@ -122,12 +124,25 @@ class MaskedLMTask(Task):
             out["nsp_acc"] = (nsp_logits.argmax(-1) == nsp_labels).float().mean()
         return out
 
+    def flops_per_sample(self, masked: float | None = None) -> float:
+        """Training FLOPs of one window: the encoder at every position (block_size; one or two fewer with NSP), the
+        MLM head (dense, norm and the tied vocabulary projection) only at the `masked` ones (default the expected
+        mask_prob share: `step` projects no other position), and NSP's pooler and classifier once, at [CLS]."""
+        T = self.model.config.block_size
+        if self.nsp:
+            T = 2 * ((T - 3) // 2) + 3  # `sentence_pairs`: [CLS] A [SEP] B [SEP] from two equal halves
+        masked = self.mask_prob * T if masked is None else masked
+        heads = 6 * num_params(self.model.mlm_head) * masked  # every head weight trains, the decoder is wte
+        if self.nsp:
+            heads += 6 * (num_params(self.model.pooler) + num_params(self.model.nsp_head))
+        return self.model.encode_flops(T) + heads
+
     def sentence_pairs(self, ids: torch.Tensor, generator: torch.Generator | None) -> tuple:
         """[CLS] A [SEP] B [SEP] from each window's halves; half the B segments come from another window
         (NotNext, label 1), the rest are the true continuation (IsNext, label 0)."""
         t = self.tokens()
         if t["cls_id"] is None or t["sep_id"] is None:
-            raise ValueError("NSP needs <cls>/<sep> (or [CLS]/[SEP]) tokens in the tokenizer")
+            raise UserError("NSP needs <cls>/<sep> (or [CLS]/[SEP]) tokens in the tokenizer")
         B, T = ids.shape
         half = (T - 3) // 2
         a, b = ids[:, :half], ids[:, half : 2 * half]

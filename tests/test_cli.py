@@ -1,0 +1,106 @@
+"""Bad input at the command line: one `error:` line naming the option or file, exit status 2, no traceback, and
+no existing checkpoint changed. Each case is a real `python train.py | eval.py | export.py | generate.py` run."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+
+from fmlab.training import train
+from tests.conftest import TINY_GPT, compose_config, write_corpus
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Payload:
+    """Pickled into a "checkpoint": code that torch.load(weights_only=True) must refuse to run."""
+
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("cli")
+    corpus = write_corpus(root / "corpus", n_docs=30)
+    run = root / "run"
+    overrides = [*TINY_GPT, f"data.source={corpus}", f"paths.cache_dir={root / 'cache'}", "trainer.max_steps=3",
+                 "trainer.val_check_interval=3", "validate_before_fit=false"]
+    train(compose_config(overrides, run))
+    ckpt = run / "checkpoints" / "last.ckpt"
+    truncated = root / "truncated.ckpt"
+    truncated.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])
+    pickled = root / "pickled.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": Payload()}, pickled)
+    a_file = root / "a_file"
+    a_file.write_text("not a folder")
+    return {"root": root, "corpus": corpus, "run": run, "ckpt": ckpt, "truncated": truncated, "pickled": pickled,
+            "a_file": a_file, "tokenizer": run / "tokenizer.json"}
+
+
+# (script, arguments with {placeholders} from `files`, text the error line must contain)
+CASES = [
+    ("train.py", ["data=text_files", "data.source={root}/missing.txt"], "data.source"),
+    ("train.py", ["data=text_files"], "data.source"),  # a ??? value left unset
+    ("train.py", ["model=vit", "data=bbc_news"], "data=bbc_news"),
+    ("train.py", ["model=bert", "stage=finetune", "pretrained={root}/missing.ckpt"], "pretrained="),
+    ("train.py", ["model=bert", "stage=finetune", "pretrained={truncated}"], "truncated or corrupt"),
+    ("train.py", ["trainer.bogus=1"], "trainer.bogus"),
+    ("train.py", ["model=bert", "stage=supervised"], "task/bert_supervised"),
+    ("train.py", ["model=nosuch"], "model/nosuch"),
+    ("train.py", ["model.size=huge"], "model.size"),
+    ("train.py", ["model.n_embd=30", "hydra.run.dir={run}"], "model.n_embd"),  # into an existing run folder
+    ("train.py", ["ckpt_path={root}/missing.ckpt"], "ckpt_path"),
+    ("train.py", ["resume=sometimes"], "resume"),
+    ("train.py", ["data.tokenizer={root}/missing.json"], "data.tokenizer"),
+    ("train.py", ["data.global_batch_size=20"], "data.global_batch_size"),
+    ("train.py", ["hydra.run.dir={a_file}/run"], "a_file"),
+    ("eval.py", ["ckpt_path={root}/missing.ckpt"], "ckpt_path"),
+    ("eval.py", ["ckpt_path={truncated}"], "truncated or corrupt"),
+    ("eval.py", ["ckpt_path={pickled}"], "pickled code"),
+    ("export.py", ["ckpt_path={tokenizer}"], "not a readable checkpoint"),
+    ("generate.py", ["ckpt_path={pickled}"], "pickled code"),
+]
+
+
+def run_case(script: str, args: list[str], files: dict[str, Path]) -> subprocess.CompletedProcess:
+    argv = [a.format(**files) for a in args]
+    if script == "train.py" and not any(a.startswith("hydra.run.dir") for a in argv):
+        argv.append(f"hydra.run.dir={files['root'] / 'new' / str(abs(hash(tuple(argv))))}")
+    argv += [f"paths.cache_dir={files['root'] / 'cache'}"] if script in ("train.py", "eval.py") else []
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("HYDRA_FULL_ERROR", None)
+    return subprocess.run([sys.executable, script, *argv, "logger=csv"] if script == "train.py" else
+                          [sys.executable, script, *argv, f"hydra.run.dir={files['root'] / 'other'}"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_bad_inputs_give_one_error_line_and_change_no_checkpoint(files: dict[str, Path]) -> None:
+    before = hashlib.sha256(files["ckpt"].read_bytes()).hexdigest()
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda case: run_case(case[0], case[1], files), CASES))
+    failures = []
+    for (script, args, expected), done in zip(CASES, results, strict=True):
+        errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+        ok = (done.returncode == 2 and len(errors) == 1 and expected in errors[0]
+              and "Traceback" not in done.stderr + done.stdout and "pwned" not in done.stdout)
+        if not ok:
+            failures.append(f"{script} {args}: rc={done.returncode} errors={errors} stderr={done.stderr[-600:]!r}")
+    assert not failures, "\n".join(failures)
+    assert len(CASES) >= 15
+    assert hashlib.sha256(files["ckpt"].read_bytes()).hexdigest() == before, "an existing checkpoint changed"
+
+
+def test_full_error_shows_the_traceback(files: dict[str, Path]) -> None:
+    env = {**os.environ, "HYDRA_FULL_ERROR": "1"}
+    done = subprocess.run([sys.executable, "eval.py", f"ckpt_path={files['truncated']}",
+                           f"hydra.run.dir={files['root'] / 'other'}"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode != 0 and "Traceback" in done.stderr and "truncated or corrupt" in done.stderr
