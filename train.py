@@ -3,12 +3,14 @@
 import hydra
 from omegaconf import DictConfig
 
+import fmlab.config  # noqa: F401  (registers the resolvers and objective pairs the configs use)
 from fmlab.cli import run
-from fmlab.training import train
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    from fmlab.training import train  # after composing: a bad option fails before the heavy imports
+
     return train(cfg)
 
 

@@ -14,7 +14,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["model.n_layer=1", "model.n_head=2", "model.n_embd=32", "model.block_size=32", "data.vocab_size=300"]
-SLEEP = 0.03  # seconds added to every forward pass of every competitor's model, so a step's time has a floor
+SLEEP = 0.02  # seconds added to every forward pass of every competitor's model, so a step's time has a floor
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@ launcher configs compose; W&B runs of one sweep share a group."""
 
 from __future__ import annotations
 
+import math
 import runpy
 import sys
 from pathlib import Path
@@ -13,7 +14,8 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
-from tests.conftest import TINY_GPT, compose_config, write_corpus
+from fmlab.training import train
+from tests.conftest import TINY_GPT, compose_config, read_metrics, values, write_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,6 +60,10 @@ def test_failed_job_does_not_stop_the_sweep(tiny) -> None:
     assert (sweep / "1" / "checkpoints" / "last.ckpt").is_file()
 
 
+def best_val_losses(sweep: Path, n: int) -> list[float]:
+    return [min(values(read_metrics(sweep / str(job)), "val/loss")) for job in range(n)]
+
+
 def test_optuna_search_runs_its_trials(tiny) -> None:
     root, overrides = tiny
     sweep = root / "optuna"
@@ -65,7 +71,29 @@ def test_optuna_search_runs_its_trials(tiny) -> None:
     assert (sweep / "0" / "checkpoints" / "last.ckpt").is_file()
     assert (sweep / "1" / "checkpoints" / "last.ckpt").is_file()
     results = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
-    assert "task.optimizer.lr" in results["best_params"] and results["best_value"] > 0
+    assert "task.optimizer.lr" in results["best_params"]
+    assert results["best_value"] == pytest.approx(min(best_val_losses(sweep, 2)), rel=1e-5), "the best trial's value"
+
+
+def test_trials_without_a_validation_still_return_their_metric(tiny) -> None:
+    root, overrides = tiny
+    sweep = root / "no-validation"
+    # No validation inside fit (val_check_interval beyond max_steps): each trial validates once at the end.
+    run_train_py([*overrides, "hparams_search=optuna", "hydra.sweeper.n_trials=2", "trainer.max_steps=4",
+                  "trainer.val_check_interval=200", f"hydra.sweep.dir={sweep}"])
+    results = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    assert results["best_value"] == pytest.approx(min(best_val_losses(sweep, 2)), rel=1e-5)
+
+
+def test_a_failed_trial_returns_nan_and_closes_its_wandb_run(tiny, monkeypatch) -> None:
+    import wandb
+
+    root, overrides = tiny
+    monkeypatch.setattr("fmlab.training.is_multirun", lambda: True)
+    cfg = compose_config([*overrides, "logger=wandb", "task.optimizer.lr=1e12", "trainer.max_steps=20"],
+                         root / "failed-trial")
+    assert math.isnan(train(cfg)), "a diverged trial is recorded as failed (NaN), not raised"
+    assert wandb.run is None, "its W&B run is finished, so the next trial starts its own"
 
 
 @pytest.mark.parametrize(("launcher", "target"), [("joblib", "JoblibLauncher"), ("slurm", "SlurmLauncher")])

@@ -2,8 +2,9 @@
 the `transformers` layout and back; `export` writes a checkpoint as a `from_pretrained` folder.
 
 `FAMILIES` is the one registry that import (`fmlab.resolve`) and export both use. A family module defines
-`MODEL_TYPE` (Hugging Face's `model_type`), `CONFIG_TARGET` (our config class), `from_hf(hf_config, state)` and
-`to_hf(model, head)`; a new family adds one line here.
+`MODEL_TYPE` (Hugging Face's `model_type`), `CONFIG_TARGET` (our config class), `TWIN_POOLING` (what Hugging
+Face's classifier of the family reads), `from_hf(hf_config, state)` and `to_hf(model, head)`; a new family adds one
+line here. A head without a Hugging Face class is exported for `hf_modeling` (model_type `fmlab_<model_type>`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ FAMILIES: dict[str, str] = {  # Hugging Face model_type -> our module for it (im
 
 
 def family_by_model_type(model_type: str | None, where: str) -> ModuleType:
+    if isinstance(model_type, str) and model_type.startswith("fmlab_"):  # our export's custom head, same backbone
+        model_type = model_type.removeprefix("fmlab_")
     if model_type not in FAMILIES:
         raise UserError(f"{where}: model_type={model_type!r} in config.json is not supported; supported: "
                         f"{sorted(FAMILIES)}")

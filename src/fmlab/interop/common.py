@@ -1,9 +1,10 @@
-"""What the family converters share: the key map between our modules and a Hugging Face layout, activations,
-and the error an export raises where our model has no exact Hugging Face twin."""
+"""What the family converters share: the key map between our modules and a Hugging Face layout, activations, the
+classifier head as export sees it (written for the family's own class or for `hf_modeling`'s), and the error an
+export raises where our model cannot be written as a Hugging Face model that computes the same."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -121,26 +122,48 @@ def with_zero_biases(
     return state
 
 
+CUSTOM_MODULE = "modeling_fmlab"  # the file export writes `hf_modeling.py` as, named by config.json's auto_map
+
+
 @dataclass
 class Classifier:
-    """A fine-tuned classification head, as the export sees it: pooling, norm and the linear layer."""
+    """A fine-tuned classification head, as the export sees it: pooling, norm, dropout and the linear layer."""
 
     pooling: str
-    norm: bool | str
+    norm: bool | str  # False, True (LayerNorm) or "batchnorm"
     weight: torch.Tensor  # (num_labels, C)
     bias: torch.Tensor  # (num_labels,)
+    norm_state: dict[str, torch.Tensor] = field(default_factory=dict)  # LayerNorm affine or BatchNorm statistics
+    norm_eps: float = 1e-5
+    dropout: float = 0.0
 
-    def check(self, pooling: str, family: str) -> None:
-        if self.norm:
-            raise ExportError(
-                f"task.head.norm={str(self.norm).lower()}: {family} has no norm between the pooled state and "
-                "the classifier; fine-tune with task.head.norm=false to export"
-            )
-        if self.pooling != pooling:
-            raise ExportError(
-                f"task.pooling={self.pooling}: {family} classifies from the {pooling} token; "
-                f"fine-tune with task.pooling={pooling} to export"
-            )
+    def without_twin(self, pooling: str) -> list[str]:
+        """The options that the family's own classifier (which pools `pooling`, without a norm) cannot compute."""
+        out = [f"task.pooling={self.pooling}"] if self.pooling != pooling else []
+        return out + ([f"task.head.norm={str(self.norm).lower()}"] if self.norm else [])
+
+    def custom_config(self, model_type: str, config_class: str, model_class: str, auto_class: str) -> dict:
+        """config.json fields that load this head with `hf_modeling.<model_class>` (trust_remote_code=True)."""
+        return {
+            "model_type": f"fmlab_{model_type}",
+            "architectures": [model_class],
+            "auto_map": {"AutoConfig": f"{CUSTOM_MODULE}.{config_class}", auto_class: f"{CUSTOM_MODULE}.{model_class}"},
+            "fmlab_pooling": self.pooling,
+            "fmlab_head_norm": {False: None, True: "layernorm"}.get(self.norm, self.norm),
+            "fmlab_head_norm_eps": self.norm_eps,
+            "fmlab_head_dropout": self.dropout,
+        }
+
+    def custom_state(self, module: str) -> dict[str, torch.Tensor]:
+        """The head's tensors under `module` (the head's attribute in hf_modeling: `classifier` or `score`)."""
+        state = {f"{module}.norm.{k}": v.contiguous() for k, v in self.norm_state.items()}
+        state[f"{module}.out_proj.weight"], state[f"{module}.out_proj.bias"] = self.weight, self.bias
+        return state
+
+
+def exported_pooling(hf_config: dict) -> dict:
+    """{"pooling": ...} for a folder this export wrote for hf_modeling, so a fine-tune from it pools as it did."""
+    return {"pooling": hf_config["fmlab_pooling"]} if hf_config.get("fmlab_pooling") else {}
 
 
 def encoder_fields(cfg, family: str) -> dict:

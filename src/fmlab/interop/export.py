@@ -1,13 +1,16 @@
 """The run behind export.py: write a checkpoint of any fmlab task as a Hugging Face folder that `from_pretrained`
 reads: config.json, model.safetensors (nothing pickled), tokenizer files (text) or preprocessor_config.json
-(images), label names from the fine-tune run. LoRA adapters are merged first. A model without an exact Hugging
-Face twin is refused with the option at fault (fmlab.interop.common.ExportError).
+(images), label names from the fine-tune run. LoRA adapters are merged first. A classifier head that Hugging Face
+has no class for (mean pooling, a head norm) is written for fmlab's own class (`hf_modeling.py`, copied into the
+folder and named by `auto_map`: load with `trust_remote_code=True`); a backbone without an exact Hugging Face twin
+is refused with the option at fault (fmlab.interop.common.ExportError).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +20,7 @@ from tokenizers import Tokenizer
 from torch import nn
 
 from fmlab.interop import family_by_config
-from fmlab.interop.common import Classifier
+from fmlab.interop.common import CUSTOM_MODULE, Classifier
 from fmlab.models.heads import ClassificationHead
 from fmlab.models.lora import merge_lora
 from fmlab.resolve import read_checkpoint
@@ -45,7 +48,11 @@ def classifier_of(task: nn.Module) -> Classifier | None:
         return None
     norm = {nn.Identity: False, nn.LayerNorm: True, nn.BatchNorm1d: "batchnorm"}.get(type(head.norm), True)
     linear = head.classifier
-    return Classifier(head.pooling, norm, linear.weight.detach(), linear.bias.detach())
+    return Classifier(
+        head.pooling, norm, linear.weight.detach(), linear.bias.detach(),
+        norm_state={k: v.detach() for k, v in head.norm.state_dict().items()},
+        norm_eps=getattr(head.norm, "eps", 1e-5), dropout=head.dropout.p,
+    )
 
 
 def tokenizer_files(tokenizer_json: str, family: str, max_length: int) -> tuple[dict[str, str], dict[str, int]]:
@@ -88,8 +95,8 @@ def image_processor(extra: dict, model: nn.Module) -> str:
 
 def export_task(task: nn.Module, out_dir: str | Path) -> list[str]:
     """Write `task` (a fmlab task with `hparams.model` and `extra_state`; its LoRA adapters are merged in place)
-    to `out_dir`; returns notes on what the export leaves out. Raises ExportError, before writing anything, where
-    there is no exact twin."""
+    to `out_dir`; returns notes on what the export leaves out or needs. Raises ExportError, before writing
+    anything, where the backbone has no exact twin."""
     family = family_by_config(task.hparams["model"]["_target_"])
     task = task.eval()
     merge_lora(task.model)
@@ -112,10 +119,19 @@ def export_task(task: nn.Module, out_dir: str | Path) -> list[str]:
         max_length = getattr(task.model.config, "block_size", 512)
         files, ids = tokenizer_files(extra["tokenizer"], family.MODEL_TYPE, max_length)
         hf_config.update(ids)
-    if head is not None and family.MODEL_TYPE == "gpt2" and hf_config.get("pad_token_id") is None:
+    gpt2_twin = hf_config["architectures"] == ["GPT2ForSequenceClassification"]  # ours reads the attention mask
+    if gpt2_twin and hf_config.get("pad_token_id") is None:
         notes.append("the tokenizer has no pad token: GPT2ForSequenceClassification classifies unpadded batches only")
     if family.MODEL_TYPE == "vit":
         files["preprocessor_config.json"] = image_processor(extra, task.model)
+    if "auto_map" in hf_config:  # the head has no transformers class: ship ours, tested here as hf_modeling.py
+        files[f"{CUSTOM_MODULE}.py"] = resources.files("fmlab.interop").joinpath("hf_modeling.py").read_text()
+        options = ", ".join(head.without_twin(family.TWIN_POOLING)) or "task.head"  # GPT-2: a bias that won't fold
+        notes.append(
+            f"{options}: no transformers class computes this head, so the folder carries fmlab's "
+            f"({CUSTOM_MODULE}.py, {hf_config['architectures'][0]}); load it with trust_remote_code=True "
+            "(the tokenizer too: AutoTokenizer reads config.json)"
+        )
     files["config.json"] = json.dumps(hf_config, indent=2)
 
     out = Path(out_dir)

@@ -4,6 +4,8 @@ Hugging Face BERT is post-LN with separate query/key/value projections (ours are
 reads the [CLS] state through the pooler (dense + tanh); our head reads it directly, so the export writes a pooler
 that is the identity to float precision (dense = s I, tanh(s h) / s = h (1 - (s h)^2 / 3), s = POOLER_SCALE) and a
 classifier scaled by 1 / s: the same logits, for inference (a pooler that small is no start for further training).
+Other heads (mean or last pooling, a head norm) are written for `hf_modeling.FmlabBertForSequenceClassification`:
+BertModel without a pooler, then our head.
 """
 
 from __future__ import annotations
@@ -13,7 +15,15 @@ import logging
 import torch
 from torch import nn
 
-from fmlab.interop.common import Classifier, KeyMap, encoder_fields, hf_activation, require, with_zero_biases
+from fmlab.interop.common import (
+    Classifier,
+    KeyMap,
+    encoder_fields,
+    exported_pooling,
+    hf_activation,
+    require,
+    with_zero_biases,
+)
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +50,8 @@ KEYS = KeyMap(
     qkv=("attention.self.query", "attention.self.key", "attention.self.value"),
     skip=("position_ids", "embeddings.token_type_ids"),  # buffers
 )
+TWIN_POOLING = "cls"  # what the family's own classifier reads
+CUSTOM = ("FmlabBertConfig", "FmlabBertForSequenceClassification", "AutoModelForSequenceClassification")
 HEADS = ("classifier.",)  # a sequence classifier's head: a fine-tune starts its own
 
 
@@ -65,6 +77,7 @@ def from_hf(hf_config: dict, state: dict[str, torch.Tensor]) -> tuple[dict, dict
         "norm_eps": hf_config.get("layer_norm_eps", 1e-12),
         "activation": act,
         "nsp": False,
+        **exported_pooling(hf_config),
     }
     if any(k.startswith(HEADS) for k in state):
         log.info("Not loaded from the BERT source: its sequence classifier (the fine-tune starts its own head)")
@@ -83,8 +96,8 @@ def from_hf(hf_config: dict, state: dict[str, torch.Tensor]) -> tuple[dict, dict
 
 
 def to_hf(model: nn.Module, head: Classifier | None) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Our BERT (and a classifier head) -> (BERT config.json fields, state dict of BertForMaskedLM or
-    BertForSequenceClassification)."""
+    """Our BERT (and a classifier head) -> (BERT config.json fields, state dict of BertForMaskedLM,
+    BertForSequenceClassification (cls pooling, no head norm) or hf_modeling's FmlabBertForSequenceClassification)."""
     cfg = model.config
     require(not cfg.pre_norm, "model.pre_norm=true: Hugging Face BERT is post-LN only; a pre-LN BERT has no twin")
     hf_config = {
@@ -111,8 +124,10 @@ def to_hf(model: nn.Module, head: Classifier | None) -> tuple[dict, dict[str, to
             state["cls.predictions.bias" if key == "cls.predictions.decoder.bias" else key] = value
         else:
             state[f"bert.{key}"] = value
-    if head is not None:
-        head.check("cls", "BertForSequenceClassification")
+    if head is not None and head.without_twin(TWIN_POOLING):  # mean / last pooling or a head norm: hf_modeling
+        hf_config.update(head.custom_config(MODEL_TYPE, *CUSTOM))
+        state.update(head.custom_state("classifier"))
+    elif head is not None:
         eye = torch.eye(cfg.n_embd, dtype=head.weight.dtype)
         state["bert.pooler.dense.weight"] = POOLER_SCALE * eye
         state["bert.pooler.dense.bias"] = torch.zeros(cfg.n_embd, dtype=head.weight.dtype)

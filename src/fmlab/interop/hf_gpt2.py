@@ -3,7 +3,8 @@
 GPT-2 stores its projections as `Conv1D` (weight (in, out)): transposed both ways. The LM head is tied to `wte`.
 `GPT2ForSequenceClassification` scores the last non-pad token with a bias-free linear layer; our head's bias is
 folded into the final LayerNorm's bias (delta with W delta = b), so the logits are the same and the final hidden
-states shift by delta.
+states shift by delta. Other heads (cls or mean pooling, a head norm, a bias that does not fold) are written for
+`hf_modeling.FmlabGPT2ForSequenceClassification`: GPT2Model, then our head.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import logging
 import torch
 from torch import nn
 
-from fmlab.interop.common import Classifier, ExportError, KeyMap, hf_activation, require, with_zero_biases
+from fmlab.interop.common import Classifier, KeyMap, exported_pooling, hf_activation, require, with_zero_biases
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +31,8 @@ KEYS = KeyMap(
     skip=(".attn.bias", ".attn.masked_bias"),  # causal-mask buffers of old checkpoints
 )
 ACTIVATION_TO_HF = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu"}
+TWIN_POOLING = "last"  # what the family's own classifier reads
+CUSTOM = ("FmlabGPT2Config", "FmlabGPT2ForSequenceClassification", "AutoModelForSequenceClassification")
 HEADS = ("lm_head.", "score.")  # task heads: the LM head is tied to wte, a classifier starts fresh
 
 
@@ -56,6 +59,7 @@ def from_hf(hf_config: dict, state: dict[str, torch.Tensor]) -> tuple[dict, dict
         "pre_norm": True,
         "norm_eps": hf_config.get("layer_norm_epsilon", 1e-5),
         "activation": act,
+        **exported_pooling(hf_config),
     }
     dropped = sorted({k.split(".")[0] for k in state if k.startswith(HEADS)})
     if dropped:
@@ -68,7 +72,8 @@ def from_hf(hf_config: dict, state: dict[str, torch.Tensor]) -> tuple[dict, dict
 
 
 def to_hf(model: nn.Module, head: Classifier | None) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Our GPT (and a classifier head) -> (GPT-2 config.json fields, GPT-2 state dict)."""
+    """Our GPT (and a classifier head) -> (GPT-2 config.json fields, state dict of GPT2LMHeadModel,
+    GPT2ForSequenceClassification or hf_modeling's FmlabGPT2ForSequenceClassification)."""
     cfg = model.config
     require(cfg.pre_norm, "model.pre_norm=false: GPT-2 is pre-LN only; a post-LN GPT has no Hugging Face twin")
     require(cfg.causal, "model.causal=false: GPT-2 is causal")
@@ -93,20 +98,21 @@ def to_hf(model: nn.Module, head: Classifier | None) -> tuple[dict, dict[str, to
     }
     ours = {k: v for k, v in model.state_dict().items() if not k.startswith("lm_head.")}
     state = {f"transformer.{k}": v for k, v in KEYS.to_hf(with_zero_biases(model.transformer, ours)).items()}
-    if head is not None:
-        head.check("last", "GPT2ForSequenceClassification")
+    if head is None:
+        return hf_config, state
+    delta = None if head.without_twin(TWIN_POOLING) else fold_bias(head.weight, head.bias)
+    if delta is None:  # cls / mean pooling, a head norm or a bias that does not fold: hf_modeling's class
+        hf_config.update(head.custom_config(MODEL_TYPE, *CUSTOM))
+        state.update(head.custom_state("score"))
+    else:
         state["score.weight"] = head.weight.contiguous()
-        state["transformer.ln_f.bias"] = state["transformer.ln_f.bias"] + fold_bias(head.weight, head.bias)
+        state["transformer.ln_f.bias"] = state["transformer.ln_f.bias"] + delta
     return hf_config, state
 
 
-def fold_bias(weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """delta (C,) with weight @ delta == bias: the head's bias moved before its bias-free linear layer."""
+def fold_bias(weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor | None:
+    """delta (C,) with weight @ delta == bias: the head's bias moved before its bias-free linear layer; None where
+    there is none (the weight has rank below num_labels)."""
     delta = torch.linalg.lstsq(weight.double(), bias.double()[:, None]).solution[:, 0]
     error = (weight.double() @ delta - bias.double()).abs().max().item()
-    if error > 1e-6:
-        raise ExportError(
-            f"task.head: the classifier bias cannot be folded into GPT-2's bias-free score layer (residual "
-            f"{error:.1e}; its weight has rank below num_labels={weight.shape[0]})"
-        )
-    return delta.to(bias.dtype)
+    return delta.to(bias.dtype) if error <= 1e-6 else None

@@ -1,7 +1,8 @@
 """ViT <-> Hugging Face ViT (`ViTModel`, `ViTForImageClassification`).
 
 Hugging Face ViT learns its position table; a fixed sin-cos table (MAE) is written as that parameter and computes
-the same. Its classifier reads the [CLS] state after the final LayerNorm, like our `pooling=cls` head. Files in
+the same. Its classifier reads the [CLS] state after the final LayerNorm, like our `pooling=cls` head; other heads
+(mean pooling, a head norm) are written for `hf_modeling.FmlabViTForImageClassification`. Files in
 the saved layout (`encoder.layer.N.attention.attention.query`) and in transformers 5's module names
 (`layers.N.attention.q_proj`) both load.
 """
@@ -14,7 +15,15 @@ import re
 import torch
 from torch import nn
 
-from fmlab.interop.common import Classifier, KeyMap, encoder_fields, hf_activation, require, with_zero_biases
+from fmlab.interop.common import (
+    Classifier,
+    KeyMap,
+    encoder_fields,
+    exported_pooling,
+    hf_activation,
+    require,
+    with_zero_biases,
+)
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +53,8 @@ MODULE_NAMES = (
     (r"\.mlp\.fc1\.", ".intermediate.dense."),
     (r"\.mlp\.fc2\.", ".output.dense."),
 )
+TWIN_POOLING = "cls"  # what the family's own classifier reads
+CUSTOM = ("FmlabViTConfig", "FmlabViTForImageClassification", "AutoModelForImageClassification")
 HEADS = ("classifier.", "pooler.")  # a fine-tune starts its own head; the pooler is unused by our pooling
 
 
@@ -72,6 +83,7 @@ def from_hf(hf_config: dict, state: dict[str, torch.Tensor]) -> tuple[dict, dict
         "pre_norm": True,
         "norm_eps": hf_config.get("layer_norm_eps", 1e-12),
         "activation": hf_activation(hf_config.get("hidden_act", "gelu"), "config.json hidden_act"),
+        **exported_pooling(hf_config),
     }
     dropped = sorted({k.removeprefix("vit.").split(".")[0] for k in state if k.removeprefix("vit.").startswith(HEADS)})
     if dropped:
@@ -92,8 +104,8 @@ def from_hf(hf_config: dict, state: dict[str, torch.Tensor]) -> tuple[dict, dict
 
 
 def to_hf(model: nn.Module, head: Classifier | None) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Our ViT (and a classifier head) -> (ViT config.json fields, state dict of ViTModel without its pooler,
-    or of ViTForImageClassification)."""
+    """Our ViT (and a classifier head) -> (ViT config.json fields, state dict of ViTModel without its pooler, of
+    ViTForImageClassification (cls pooling, no head norm) or of hf_modeling's FmlabViTForImageClassification)."""
     cfg = model.config
     require(cfg.pre_norm, "model.pre_norm=false: Hugging Face ViT is pre-LN only; a post-LN ViT has no twin")
     h, w = (cfg.img_size, cfg.img_size) if isinstance(cfg.img_size, int) else tuple(cfg.img_size)
@@ -111,9 +123,12 @@ def to_hf(model: nn.Module, head: Classifier | None) -> tuple[dict, dict[str, to
     mapped = KEYS.to_hf(with_zero_biases(model.transformer, model.state_dict()))
     if head is None:
         return hf_config, mapped
-    head.check("cls", "ViTForImageClassification")
     state = {f"vit.{k}": v for k, v in mapped.items()}
-    state["classifier.weight"], state["classifier.bias"] = head.weight.contiguous(), head.bias.contiguous()
+    if head.without_twin(TWIN_POOLING):  # mean pooling or a head norm (linear probe: BatchNorm): hf_modeling
+        hf_config.update(head.custom_config(MODEL_TYPE, *CUSTOM))
+        state.update(head.custom_state("classifier"))
+    else:
+        state["classifier.weight"], state["classifier.bias"] = head.weight.contiguous(), head.bias.contiguous()
     return hf_config, state
 
 

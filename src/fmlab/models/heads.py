@@ -23,7 +23,8 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor | None = None, mode:
     if mode == "last":
         if attention_mask is None:
             return hidden[:, -1]
-        # The highest real position, so left or right padding both work.
+        # The highest real position. (GPT.encode ignores the mask: causality makes right padding harmless, so
+        # batches are padded on the right.)
         positions = torch.arange(hidden.size(1), device=hidden.device)
         last = (attention_mask.bool() * positions).argmax(dim=1)
         return hidden[torch.arange(hidden.size(0), device=hidden.device), last]

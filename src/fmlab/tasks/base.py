@@ -164,6 +164,7 @@ class Task(L.LightningModule):
 
     def divergence_hint(self, what: str) -> str:
         lr = self.hparams.optimizer.get("lr")
+        lr = f"{lr:g}" if isinstance(lr, float) else lr
         precision = str(self._trainer.precision) if self._trainer is not None else ""
         fp16 = f", or fp16 overflows (trainer.precision={precision}: try bf16-mixed)" if "16-" in precision and \
             not precision.startswith("bf") else ""
