@@ -104,3 +104,24 @@ def test_full_error_shows_the_traceback(files: dict[str, Path]) -> None:
                            f"hydra.run.dir={files['root'] / 'other'}"], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode != 0 and "Traceback" in done.stderr and "truncated or corrupt" in done.stderr
+
+
+NOISE = ["litlogger", "LeafSpec", "not supported by the model summary", "FLOPs", "Epoch 0/-2", "GPU available",
+         "wandb: ", "Instantiating", "Traceback"]
+
+
+def test_a_default_run_prints_what_matters_and_nothing_else(files: dict[str, Path]) -> None:
+    run = files["root"] / "quiet"
+    args = [a for a in TINY_GPT if not a.startswith(("logger=", "callbacks=", "+trainer.enable_progress_bar"))]
+    done = subprocess.run(
+        [sys.executable, "train.py", *args, f"data.source={files['corpus']}",
+         f"paths.cache_dir={files['root'] / 'cache'}", "trainer.max_steps=4", "trainer.val_check_interval=2",
+         f"hydra.run.dir={run}"],
+        cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out[-3000:]
+    for expected in ("Run folder:", "Model: GPT", "Throughput:", "Done: steps 4", "W&B run:"):
+        assert expected in out, (expected, out[-3000:])
+    assert [n for n in NOISE if n in out] == [], out[-3000:]
+    log = (run / "train.log").read_text()
+    assert "GPU available" in log and "Instantiating" in log, "what the console leaves out is in the log"
