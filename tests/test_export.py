@@ -1,5 +1,6 @@
 """Export to Hugging Face: each family's folder loads in transformers and computes what our model computes,
-classifiers carry their labels, LoRA is merged, options without a twin are refused by name."""
+classifiers carry their labels, LoRA is merged; a head without a transformers class loads through the folder's
+custom code (trust_remote_code=True), and a backbone option without a twin is refused by name."""
 
 from __future__ import annotations
 
@@ -142,7 +143,11 @@ def test_classifiers_export_with_their_labels(tmp_path: Path, tokenizer_json: st
         hf_class = {"gpt": transformers.GPT2ForSequenceClassification,
                     "bert": transformers.BertForSequenceClassification}[family]
     assert task.head.classifier.bias.abs().min() > 0  # a real bias, which GPT-2's score layer lacks
-    export_task(task, tmp_path)
+    notes = export_task(task, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert "auto_map" not in config and not (tmp_path / "modeling_fmlab.py").exists(), "an exact twin needs no code"
+    assert config["architectures"] == [hf_class.__name__] and config["model_type"] == hf_class.config_class.model_type
+    assert not any("trust_remote_code" in n for n in notes)
     hf = hf_class.from_pretrained(tmp_path, use_safetensors=True).eval()
     assert hf.config.id2label == dict(enumerate(LABELS)) and hf.config.label2id["music"] == 1
     with torch.no_grad():
@@ -150,24 +155,111 @@ def test_classifiers_export_with_their_labels(tmp_path: Path, tokenizer_json: st
         assert close(hf(**inputs).logits, expected) < 1e-4
 
 
-@pytest.mark.parametrize(("family", "overrides", "head", "option"), [
-    ("bert", {"pre_norm": True}, {}, "model.pre_norm=true"),
-    ("gpt", {"pre_norm": False}, {}, "model.pre_norm=false"),
-    ("vit", {"pre_norm": False}, {}, "model.pre_norm=false"),
-    ("bert", {"pre_norm": False}, {"pooling": "mean"}, "task.pooling=mean"),
-    ("gpt", {}, {"pooling": "cls"}, "task.pooling=cls"),
-    ("vit", {}, {"norm": True}, "task.head.norm=true"),
-    ("vit", {}, {"norm": "batchnorm"}, "task.head.norm=batchnorm"),
+@pytest.mark.parametrize(("family", "option"), [
+    ("bert", "model.pre_norm=true"), ("gpt", "model.pre_norm=false"), ("vit", "model.pre_norm=false"),
 ])
-def test_options_without_a_twin_are_refused_by_name(
-    tmp_path: Path, family: str, overrides: dict, head: dict, option: str
-) -> None:
-    model = vit_model(**overrides) if family == "vit" else text_model(family, 300, **overrides)
-    pooling = head.pop("pooling", "last" if family == "gpt" else "cls")
-    task = classifier(model, pooling, **head)
+def test_backbones_without_a_twin_are_refused_by_name(tmp_path: Path, family: str, option: str) -> None:
+    # Hugging Face's base models are post-LN (BERT) or pre-LN (GPT-2, ViT) only: no head code can fix the backbone.
+    model = vit_model if family == "vit" else lambda **kw: text_model(family, 300, **kw)
+    task = classifier(model(pre_norm=option.endswith("true")), "last" if family == "gpt" else "cls")
     with pytest.raises(ExportError, match=option.replace(".", r"\.")):
         export_task(task, tmp_path / "out")
     assert not (tmp_path / "out").exists(), "nothing written"
+
+
+def with_running_stats(task: ClassificationTask) -> ClassificationTask:
+    """BatchNorm statistics far from their init (0, 1), so an export that drops them fails the comparison."""
+    norm = task.head.norm
+    if isinstance(norm, torch.nn.BatchNorm1d):
+        torch.manual_seed(2)
+        norm.running_mean.normal_(0, 0.5)
+        norm.running_var.uniform_(0.3, 3.0)
+    return task
+
+
+def inputs_of(family: str) -> dict[str, torch.Tensor]:
+    if family == "vit":
+        return {"pixel_values": torch.randn(3, 3, 12, 8, generator=torch.Generator().manual_seed(3))}
+    ids, mask = text_batch(300, pad_id=1, eos_id=0 if family == "gpt" else None)
+    return {"input_ids": ids, "attention_mask": mask}  # padded: rows of 10, 7 and 4 real tokens
+
+
+def load_custom(folder: Path, family: str) -> torch.nn.Module:
+    auto = transformers.AutoModelForImageClassification if family == "vit" else (
+        transformers.AutoModelForSequenceClassification)
+    return auto.from_pretrained(folder, trust_remote_code=True).eval()
+
+
+@pytest.mark.parametrize(("family", "pooling", "norm"), [
+    ("bert", "mean", False),  # MiniLM's default
+    ("bert", "last", True),
+    ("bert", "cls", "batchnorm"),
+    ("gpt", "cls", False),
+    ("gpt", "mean", "batchnorm"),
+    ("gpt", "last", True),
+    ("vit", "cls", True),
+    ("vit", "mean", False),
+])
+def test_heads_without_a_transformers_class_export_as_custom_code(
+    tmp_path: Path, family: str, pooling: str, norm: bool | str
+) -> None:
+    model = vit_model() if family == "vit" else text_model(family, 300, pre_norm=family == "gpt")
+    task = with_running_stats(classifier(model, pooling, norm=norm))
+    notes = export_task(task, tmp_path)
+    twin_pooling = "last" if family == "gpt" else "cls"
+    options = [f"task.pooling={pooling}"] * (pooling != twin_pooling)
+    options += [f"task.head.norm={str(norm).lower()}"] * bool(norm)
+    assert notes[-1].startswith(", ".join(options) + ":") and "trust_remote_code=True" in notes[-1], notes
+    config = json.loads((tmp_path / "config.json").read_text())
+    hf_type = {"bert": "bert", "gpt": "gpt2", "vit": "vit"}[family]
+    assert config["model_type"] == f"fmlab_{hf_type}" and set(config["auto_map"]) >= {"AutoConfig"}
+    assert (tmp_path / "modeling_fmlab.py").read_text() == (ROOT / "src/fmlab/interop/hf_modeling.py").read_text()
+    with pytest.raises(ValueError, match="trust_remote_code"):  # never silently a plain classifier with a new head
+        transformers.AutoConfig.from_pretrained(tmp_path, trust_remote_code=False)
+    hf = load_custom(tmp_path, family)
+    assert type(hf).__name__ == config["architectures"][0] and hf.config.id2label == dict(enumerate(LABELS))
+    inputs = inputs_of(family)
+    with torch.no_grad():
+        assert close(hf(**inputs).logits, task(inputs)) < 1e-4
+    # The folder is a pretrained source again, pooling as it was fine-tuned.
+    loaded = load_pretrained(str(tmp_path))
+    assert loaded.model["pooling"] == pooling
+    for key, value in task.model.state_dict().items():
+        assert torch.allclose(value, loaded.state_dict[key], atol=1e-6), key
+
+
+def test_vit_linear_probe_head_exports_with_its_batchnorm_statistics(tmp_path: Path) -> None:
+    # experiment=vit_linear_probe: BatchNorm without affine before the linear layer, statistics from training.
+    task = classifier(vit_model(), "cls", norm="batchnorm", dropout=0.0)
+    task.extra_state["normalization"] = {"mean": [0.4, 0.5, 0.6], "std": [0.2, 0.25, 0.3]}
+    task.train()
+    with torch.no_grad():
+        for seed in range(5):
+            task({"pixel_values": 2 + 3 * torch.randn(8, 3, 12, 8, generator=torch.Generator().manual_seed(seed))})
+    task.eval()
+    stats = task.head.norm
+    assert (stats.running_var - 1).abs().min() > 0.1 and stats.running_mean.abs().max() > 0.1, "moved from init"
+    export_task(task, tmp_path)
+    hf = transformers.AutoModelForImageClassification.from_pretrained(tmp_path, trust_remote_code=True)
+    assert not hf.training and type(hf).__name__ == "FmlabViTForImageClassification"
+    assert torch.equal(hf.classifier.norm.running_mean, task.head.norm.running_mean)
+    image = torch.randn(1, 3, 12, 8)  # one image: eval mode normalises with the running statistics
+    with torch.no_grad():
+        assert close(hf(pixel_values=image).logits, task({"pixel_values": image})) < 1e-4
+    processor = transformers.AutoImageProcessor.from_pretrained(tmp_path)
+    assert list(processor.image_mean) == [0.4, 0.5, 0.6]
+
+
+def test_gpt2_head_whose_bias_does_not_fold_exports_as_custom_code(tmp_path: Path) -> None:
+    task = classifier(text_model("gpt", 300), "last")
+    with torch.no_grad():  # equal rows with different biases: no delta has W delta = b
+        task.head.classifier.weight[1:] = task.head.classifier.weight[0]
+    notes = export_task(task, tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["architectures"] == ["FmlabGPT2ForSequenceClassification"]
+    assert any(n.startswith("task.head:") and "trust_remote_code" in n for n in notes)
+    inputs = inputs_of("gpt")
+    with torch.no_grad():
+        assert close(load_custom(tmp_path, "gpt")(**inputs).logits, task(inputs)) < 1e-4
 
 
 def test_lora_finetune_run_exports_through_export_py(tmp_path: Path) -> None:
@@ -211,21 +303,24 @@ def test_minilm_finetune_exports_and_transformers_reproduces_it(tmp_path: Path) 
     run = tmp_path / "run"
     train(compose_config([
         "model=minilm", "stage=finetune", f"data.source={tmp_path / 'labeled.csv'}",
-        f"paths.cache_dir={tmp_path / 'cache'}", "data.max_length=32", "data.batch_size=8", "task.pooling=cls",
+        f"paths.cache_dir={tmp_path / 'cache'}", "data.max_length=32", "data.batch_size=8",
         "task.optimizer.lr=1e-3", "trainer.accelerator=cpu", "trainer.devices=1", "trainer.precision=32",
         "trainer.max_steps=3", "trainer.val_check_interval=3", "+trainer.enable_progress_bar=false",
         "trainer.enable_model_summary=false", "validate_before_fit=false", "test_after_fit=false",
         "logger=csv", "callbacks=[model_checkpoint]",
     ], run))
     ckpt = run / "checkpoints" / "last.ckpt"
-    export_checkpoint(ckpt, tmp_path / "hf")
+    notes = export_checkpoint(ckpt, tmp_path / "hf")
+    assert any("task.pooling=mean" in n and "trust_remote_code=True" in n for n in notes), notes
     task = ClassificationTask.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True).eval()
-    hf = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf").eval()
-    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
-    assert type(hf).__name__ == "BertForSequenceClassification"
+    assert task.head.pooling == "mean", "the default MiniLM fine-tune pools as MiniLM was trained"
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf", trust_remote_code=True)
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf", trust_remote_code=True)
+    assert type(hf).__name__ == "FmlabBertForSequenceClassification" and not hf.training
     assert set(hf.config.id2label.values()) == {"business", "tech", "sport", "politics", "music"}
-    enc = tok(["The shares rose sharply.", "A new album from the band.", "The minister lost the vote."],
+    enc = tok(["The shares rose sharply after the results.", "A new album.", "The minister lost the vote."],
               padding=True, return_tensors="pt")
+    assert (enc["attention_mask"] == 0).any(), "a padded batch: mean pooling must skip the padding"
     with torch.no_grad():
         ours = task(dict(enc))
         theirs = hf(**enc).logits
