@@ -6,6 +6,7 @@ import functools
 import json
 import logging
 import math
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -44,11 +45,8 @@ def instantiate_list(cfg: DictConfig | None, kind: str) -> list[Any]:
 
 def close_loggers() -> None:
     """Finish a W&B run if one is open, so the next job of a sweep starts clean."""
-    try:
-        import wandb
-    except ImportError:
-        return
-    if wandb.run is not None:
+    wandb = sys.modules.get("wandb")  # not imported: no run to close (and importing it costs a second)
+    if wandb is not None and wandb.run is not None:
         wandb.finish()
 
 
@@ -158,11 +156,8 @@ def model_line(task: Task) -> str:
 
 def wandb_line() -> str | None:
     """Where the W&B run went, and how to upload an offline one."""
-    try:
-        import wandb
-    except ImportError:
-        return None
-    if wandb.run is None:
+    wandb = sys.modules.get("wandb")
+    if wandb is None or wandb.run is None:
         return None
     folder = Path(wandb.run.dir).parent
     offline = bool(getattr(wandb.run, "offline", True))
