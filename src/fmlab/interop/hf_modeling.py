@@ -31,7 +31,9 @@ POOLING = ("cls", "mean", "last")
 
 def pool(hidden: torch.Tensor, attention_mask: torch.Tensor | None, mode: str) -> torch.Tensor:
     """(B, T, C) -> (B, C), as fmlab pools: the first position, the mean of real tokens, or the last real token
-    (left or right padding). `attention_mask` (B, T) has 1 for real tokens; None: every position is real."""
+    (left or right padding). `attention_mask` (B, T) has 1 for real tokens; None: every position is real.
+    A copy of fmlab.models.heads.pool on purpose: this file travels alone and imports only torch and transformers
+    (tests/test_export.py compares both on the same batches)."""
     if mode == "cls":
         return hidden[:, 0]
     if mode == "mean":
