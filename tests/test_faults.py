@@ -46,6 +46,7 @@ def test_no_checkpoint_is_written_from_non_finite_weights(overrides, tmp_path: P
     trainer.save_checkpoint(tmp_path / "good.ckpt")
     with torch.no_grad():
         task.model.wte.weight[3, 1] = float("inf")
-    with pytest.raises(TrainingDiverged, match=r"weights: \d tensor\(s\) not finite at step 2 \(e.g. model.wte.weight\)"):
+    broken = r"weights: \d tensor\(s\) not finite at step 2 \(e.g. model.wte.weight\)"
+    with pytest.raises(TrainingDiverged, match=broken):
         trainer.save_checkpoint(tmp_path / "bad.ckpt")
     assert not (tmp_path / "bad.ckpt").exists() and (tmp_path / "good.ckpt").is_file()
