@@ -8,12 +8,11 @@ import inspect
 import tempfile
 from pathlib import Path
 
-import yaml
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
-from fmlab.config import CONF_DIR
+from fmlab.config import CONF_DIR, option_file
 from fmlab.errors import UserError
 
 # Keys of a data node that are not constructor arguments of its data module.
@@ -30,16 +29,6 @@ def choice(group: str) -> str | None:
     return HydraConfig.get().runtime.choices.get(group) if HydraConfig.initialized() else None
 
 
-def preset_keys(name: str, conf_dir: Path = CONF_DIR) -> set[str]:
-    """Top-level keys of conf/data/<name>.yaml, its defaults included."""
-    node = yaml.safe_load((conf_dir / "data" / f"{name}.yaml").read_text()) or {}
-    keys = set(node) - {"defaults"}
-    for entry in node.get("defaults", []):
-        if isinstance(entry, str) and (conf_dir / "data" / f"{entry}.yaml").is_file():
-            keys |= preset_keys(entry, conf_dir)
-    return keys
-
-
 def accepted(cls: type) -> set[str]:
     return set(inspect.signature(cls.__init__).parameters) - {"self"}
 
@@ -54,7 +43,8 @@ def check_data_options(cfg: DictConfig) -> None:
     unknown = sorted(set(cfg.data) - accepted(cls) - DATA_NODE_KEYS)
     if not unknown:
         return
-    fitting = sorted(p.stem for p in (CONF_DIR / "data").glob("*.yaml") if preset_keys(p.stem) <= accepted(cls))
+    presets = sorted(p.stem for p in (CONF_DIR / "data").glob("*.yaml"))
+    fitting = [name for name in presets if set(option_file("data", name)) <= accepted(cls)]
     data, model, task = choice("data"), choice("model"), choice("task")
     raise UserError(
         f"data={data}: its option(s) {unknown} are not options of {cls.__name__}, the data that "

@@ -76,23 +76,23 @@ def register_resolvers() -> None:
             OmegaConf.register_new_resolver(name, fn)
 
 
+def option_file(group: str, name: str, conf_dir: Path = CONF_DIR) -> dict[str, Any]:
+    """conf/<group>/<name>.yaml as plain data, over the options of the same group its defaults list names (a shallow
+    merge, the file's own keys last): what the option sets, read without composing."""
+    node = yaml.safe_load((conf_dir / group / f"{name}.yaml").read_text()) or {}
+    merged: dict[str, Any] = {}
+    for entry in node.pop("defaults", []):
+        if isinstance(entry, str) and entry != "_self_" and (conf_dir / group / f"{entry}.yaml").is_file():
+            merged.update(option_file(group, entry, conf_dir))
+    return {**merged, **node}
+
+
 def model_objectives(conf_dir: Path = CONF_DIR) -> dict[str, dict[str, str]]:
     """`objectives:` of every model file: model option -> {stage: objective} (a file's defaults included)."""
-    found: dict[str, dict[str, str]] = {}
-
-    def read(name: str) -> dict[str, str]:
-        if name not in found:
-            node = yaml.safe_load((conf_dir / "model" / f"{name}.yaml").read_text()) or {}
-            inherited = {}
-            for entry in node.get("defaults", []):
-                if isinstance(entry, str) and entry != "_self_" and (conf_dir / "model" / f"{entry}.yaml").is_file():
-                    inherited.update(read(entry))
-            found[name] = dict(node.get("objectives") or inherited)
-        return found[name]
-
-    for path in sorted((conf_dir / "model").glob("*.yaml")):
-        read(path.stem)
-    return found
+    return {
+        path.stem: dict(option_file("model", path.stem, conf_dir).get("objectives") or {})
+        for path in sorted((conf_dir / "model").glob("*.yaml"))
+    }
 
 
 def register_objective_pairs(conf_dir: Path = CONF_DIR) -> None:

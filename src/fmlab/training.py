@@ -148,8 +148,8 @@ def test_after_fit(trainer: L.Trainer, task: Task, datamodule: L.LightningDataMo
 def model_line(task: Task) -> str:
     model = task.model
     size = getattr(model.config, "size", None)
-    total = sum(p.numel() for p in {id(p): p for p in task.parameters()}.values())
-    trainable = sum(p.numel() for p in {id(p): p for p in task.parameters() if p.requires_grad}.values())
+    total = sum(p.numel() for p in task.parameters())  # parameters() yields a tied tensor once
+    trainable = sum(p.numel() for p in task.parameters() if p.requires_grad)
     return (f"Model: {type(model).__name__}{f' ({size})' if size else ''} in {type(task).__name__}, "
             f"{total:,} parameters, {trainable:,} trainable")
 

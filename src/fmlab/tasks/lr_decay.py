@@ -9,9 +9,8 @@ from __future__ import annotations
 from torch import nn
 
 from fmlab.models.backbone import Backbone
+from fmlab.resolve import MODEL_PREFIX
 from fmlab.tasks.base import is_decayed, no_decay_names
-
-BACKBONE = "model."  # a task's backbone attribute
 
 
 def layer_decay_groups(task: nn.Module, lr: float, weight_decay: float, decay: float) -> list[dict]:
@@ -23,7 +22,7 @@ def layer_decay_groups(task: nn.Module, lr: float, weight_decay: float, decay: f
     for name, p in task.named_parameters():
         if not p.requires_grad:
             continue
-        lid = backbone.layer_id(name.removeprefix(BACKBONE)) if name.startswith(BACKBONE) else top
+        lid = backbone.layer_id(name.removeprefix(MODEL_PREFIX)) if name.startswith(MODEL_PREFIX) else top
         decayed = is_decayed(name, p, exempt)
         group = groups.setdefault((lid, not decayed), {
             "params": [], "layer_id": lid,
