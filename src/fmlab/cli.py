@@ -83,7 +83,7 @@ def one_line(err: BaseException) -> str:
             continue
         if line.endswith(":"):
             listing = []
-            parts.append(line[:-1].lower() + ": ")
+            parts.append(line[0].lower() + line[1:-1] + ": ")
         elif listing is not None:
             listing.append(line)
             parts[-1] = parts[-1].split(": ")[0] + ": " + ", ".join(listing)

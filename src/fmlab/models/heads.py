@@ -6,8 +6,7 @@ import torch
 from torch import nn
 
 from fmlab.errors import UserError
-
-POOLING = ("cls", "mean", "last")
+from fmlab.models.transformer import POOLING
 
 
 def pool(hidden: torch.Tensor, attention_mask: torch.Tensor | None = None, mode: str = "cls") -> torch.Tensor:

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fmlab.errors import UserError
+from fmlab.errors import UserError, check_choice, check_count, check_rate
 
 
 @dataclass
@@ -47,6 +47,11 @@ class TransformerConfig:
             for key, value in preset(type(self), self.size).items():
                 if getattr(self, key) is None:
                     setattr(self, key, value)
+        for name in ("n_layer", "n_head", "n_embd"):
+            check_count(f"model.{name}", getattr(self, name))
+        for name in ("dropout", "attn_dropout", "drop_path"):
+            check_rate(f"model.{name}", getattr(self, name))
+        check_choice("model.pooling", self.pooling, POOLING)
         if self.n_embd % self.n_head:
             raise UserError(f"model.n_embd={self.n_embd} is not divisible by model.n_head={self.n_head}")
         if self.activation not in ACTIVATIONS:
@@ -69,6 +74,7 @@ def preset(config_class: type[TransformerConfig], name: str) -> dict[str, Any]:
     return config_class.presets[name]
 
 
+POOLING = ("cls", "mean", "last")  # how a sequence-level head summarises the hidden states (fmlab.models.heads)
 ACTIVATIONS = {"gelu": nn.GELU, "gelu_tanh": lambda: nn.GELU(approximate="tanh"), "relu": nn.ReLU}
 
 

@@ -9,6 +9,8 @@ from pathlib import Path
 import torch
 from torchmetrics.classification import MulticlassConfusionMatrix, MulticlassF1Score
 
+from fmlab.errors import check_choice
+from fmlab.models.transformer import POOLING
 from fmlab.tasks.base import to_plain
 from fmlab.tasks.finetune import FinetuneTask
 from fmlab.tasks.heads import SequenceClassifier
@@ -57,6 +59,7 @@ class ClassificationTask(FinetuneTask):
         super().__init__(model, optimizer, scheduler, finetune_mode, layer_decay, lora, drop_path)
         head = dict(to_plain(head) or {})
         pooling = pooling or self.model.default_pooling
+        check_choice("task.pooling", pooling, POOLING)
         self.save_hyperparameters({**self.hparams, "num_labels": num_labels, "pooling": pooling, "head": head})
         self.num_labels = num_labels
         self.head = SequenceClassifier(self.model.width, num_labels, pooling, **head)

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torchmetrics import MeanMetric
 
-from fmlab.errors import UserError
+from fmlab.errors import UserError, check_rate
 from fmlab.models.backbone import Backbone
 from fmlab.models.lora import add_lora
 from fmlab.models.transformer import num_params
@@ -43,6 +43,7 @@ class FinetuneTask(Task):
         drop_path: float | None = None,
     ) -> None:
         if drop_path is not None:  # the fine-tuning recipe's stochastic depth, on the backbone it builds
+            check_rate("task.drop_path", drop_path)
             model = {**to_plain(model), "drop_path": drop_path}
         super().__init__(model, optimizer, scheduler)
         if finetune_mode not in FINETUNE_MODES:

@@ -15,7 +15,7 @@ import torch
 from torchmetrics import MeanMetric
 from torchvision.utils import make_grid, save_image
 
-from fmlab.errors import UserError
+from fmlab.errors import UserError, check_count
 from fmlab.models.mae_decoder import MAEDecoder, patchify, unpatchify
 from fmlab.models.transformer import num_params, training_flops
 from fmlab.tasks.base import Task, to_plain
@@ -60,6 +60,8 @@ class MAETask(Task):
         # The decoder of the backbone's size (fmlab/models/vit.py presets), with the task's non-null keys on top.
         decoder = {**self.model.config.mae_decoder, **{k: v for k, v in (to_plain(decoder) or {}).items()
                                                         if v is not None}}
+        for name, value in decoder.items():
+            check_count(f"task.decoder.{name}", value)
         self.save_hyperparameters({
             **self.hparams, "mask_ratio": mask_ratio, "norm_pix_loss": norm_pix_loss, "decoder": decoder,
             "image_log_interval": image_log_interval, "num_images": num_images,
