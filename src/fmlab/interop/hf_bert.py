@@ -28,6 +28,7 @@ from fmlab.interop.common import (
 log = logging.getLogger(__name__)
 
 MODEL_TYPE = "bert"
+ARCHITECTURE_PREFIX = "Bert"  # <prefix>ForTokenClassification, <prefix>ForQuestionAnswering
 CONFIG_TARGET = "fmlab.models.bert.BertConfig"
 POOLER_SCALE = 1e-4  # relative error (s h)^2 / 3 < 1e-7 for |h| < 5, far below the 1e-4 the tests ask
 KEYS = KeyMap(
@@ -52,7 +53,7 @@ KEYS = KeyMap(
 )
 TWIN_POOLING = "cls"  # what the family's own classifier reads
 CUSTOM = ("FmlabBertConfig", "FmlabBertForSequenceClassification", "AutoModelForSequenceClassification")
-HEADS = ("classifier.",)  # a sequence classifier's head: a fine-tune starts its own
+HEADS = ("classifier.", "qa_outputs.")  # a classifier, tagger or span head: a fine-tune starts its own
 
 
 def from_hf(hf_config: dict, state: dict[str, torch.Tensor]) -> tuple[dict, dict[str, torch.Tensor]]:

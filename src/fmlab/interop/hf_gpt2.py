@@ -19,6 +19,7 @@ from fmlab.interop.common import Classifier, KeyMap, exported_pooling, hf_activa
 log = logging.getLogger(__name__)
 
 MODEL_TYPE = "gpt2"
+ARCHITECTURE_PREFIX = "GPT2"  # <prefix>ForTokenClassification, <prefix>ForQuestionAnswering
 CONFIG_TARGET = "fmlab.models.gpt.GPTConfig"
 KEYS = KeyMap(
     outer={"wte": "wte", "wpe": "wpe", "transformer.ln_f": "ln_f"},
@@ -33,7 +34,7 @@ KEYS = KeyMap(
 ACTIVATION_TO_HF = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu"}
 TWIN_POOLING = "last"  # what the family's own classifier reads
 CUSTOM = ("FmlabGPT2Config", "FmlabGPT2ForSequenceClassification", "AutoModelForSequenceClassification")
-HEADS = ("lm_head.", "score.")  # task heads: the LM head is tied to wte, a classifier starts fresh
+HEADS = ("lm_head.", "score.", "classifier.", "qa_outputs.")  # the LM head is tied to wte; task heads start fresh
 
 
 def from_hf(hf_config: dict, state: dict[str, torch.Tensor]) -> tuple[dict, dict[str, torch.Tensor]]:

@@ -112,7 +112,10 @@ class FinetuneTask(Task):
 
     def log_eval(self, split: str) -> None:
         self.log(f"{split}/loss", self.loss_meters[split].compute(), prog_bar=True)
-        self.log_dict(self.metrics[f"{split}_metrics"].compute(), prog_bar=True)
+        values = self.metrics[f"{split}_metrics"].compute()
+        per_class = {k: v for k, v in values.items() if "/f1_" in k}  # one per class or entity type: logs only
+        self.log_dict({k: v for k, v in values.items() if k not in per_class}, prog_bar=True)
+        self.log_dict(per_class)
         self.metrics[f"{split}_metrics"].reset()
 
     def on_validation_epoch_end(self) -> None:
