@@ -7,8 +7,9 @@
    tweets: no WNUT text is in the corpus), `--pretrain-steps` steps of 32 x 128 tokens.
 2. Fine-tuning: every arm on the same seeded split of the 2,394 tweets (70 / 10 / 20 %, data.seed fixed), epoch
    budget with early stopping on val/f1 (`--patience` epochs, cap `--max-epochs`), the best checkpoint tested.
-   The learning rate of each arm is chosen on val/f1 at seed 0 from the same grid (`--lrs`); seeds 1, 2 rerun
-   the chosen one (the seed changes the initial head, dropout and batch order).
+   One learning rate per model (`--lr-minilm`, `--lr-bert`: the same for the pre-trained and the scratch BERT);
+   given several, each arm's is chosen on val/f1 at seed 0 and seeds 1, 2 rerun it. The seed changes the initial
+   head, dropout and batch order; the split stays fixed.
 3. results.json keeps every run (a rerun skips finished ones); results.md gets the table.
 """
 
@@ -51,7 +52,7 @@ def run_arm(results: dict, arm: str, lr: float, seed: int, args: argparse.Namesp
     if name not in results["runs"]:
         start = time.perf_counter()
         run_dir = train(RUNS, name, finetune_overrides(arm, lr, seed, args, pretrained),
-                        threads=1 if args.jobs > 1 else None)
+                        threads=args.threads or (1 if args.jobs > 1 else None))
         report = json.loads((run_dir / "test_metrics.json").read_text())
         row = {
             "arm": arm, "lr": lr, "seed": seed, "seconds": round(time.perf_counter() - start),
@@ -101,9 +102,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pretrain-steps", type=int, default=4000)
     p.add_argument("--pretrained", type=Path, default=None, help="an MLM run folder to reuse instead of step 1")
-    p.add_argument("--lrs", type=float, nargs="+", default=[5e-5, 1e-4, 3e-4])
-    p.add_argument("--lrs-small", type=float, nargs="+", default=None,
-                   help="grid of the BERT-mini arms (default: --lrs x 3, a 4x narrower model takes larger steps)")
+    p.add_argument("--lr-minilm", type=float, nargs="+", default=[1e-4])
+    p.add_argument("--lr-bert", type=float, nargs="+", default=[5e-4], help="BERT-mini, pre-trained and scratch")
+    p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    p.add_argument("--threads", type=int, default=None, help="intra-op threads per run (default: 1 with --jobs 2)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--max-epochs", type=int, default=20)
     p.add_argument("--patience", type=int, default=3)
@@ -113,11 +115,11 @@ def main() -> None:
     args = p.parse_args()
 
     results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {"runs": {}}
-    small = args.lrs_small or [3 * lr for lr in args.lrs]
-    grids = {"minilm": args.lrs, "bert_mlm": small, "scratch": small}
-    results["lrs"] = sorted({lr for g in grids.values() for lr in g})
+    grids = {arm: args.lr_minilm if arm == "minilm" else args.lr_bert for arm in args.arms}
+    results["lrs"] = sorted({*results.get("lrs", []), *(lr for g in grids.values() for lr in g)})
     pretrained = args.pretrained or RUNS / "bert_mlm_pretrain"
-    if not args.report_only and not (pretrained / "checkpoints" / "last.ckpt").is_file():
+    needs_pretraining = "bert_mlm" in args.arms and not (pretrained / "checkpoints" / "last.ckpt").is_file()
+    if not args.report_only and needs_pretraining:
         train(RUNS, "bert_mlm_pretrain", [
             "model=bert", "stage=pretrain", "data=bbc_news", "data.batch_size=32",
             f"trainer.max_steps={args.pretrain_steps}", "trainer.val_check_interval=500", *args.extra,
@@ -130,12 +132,13 @@ def main() -> None:
                       for arm, grid in grids.items() for lr in grid]:
                 f.result()
         results["chosen_lr"] = {
-            arm: max(grid, key=lambda lr, arm=arm: results["runs"][f"{arm}-lr{lr:g}-s0"]["val/f1"])
-            for arm, grid in grids.items()
+            **results.get("chosen_lr", {}),
+            **{arm: max(grid, key=lambda lr, arm=arm: results["runs"][f"{arm}-lr{lr:g}-s0"]["val/f1"])
+               for arm, grid in grids.items()},
         }
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:  # the chosen rate at the other seeds
             for f in [pool.submit(run_arm, results, arm, results["chosen_lr"][arm], seed, args, pretrained)
-                      for arm in ARMS for seed in args.seeds if seed != 0]:
+                      for arm in args.arms for seed in args.seeds if seed != 0]:
                 f.result()
         RESULTS.write_text(json.dumps(results, indent=2))
     text = table(results)
