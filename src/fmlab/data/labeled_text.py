@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -93,7 +94,30 @@ class PadCollate:
         return batch
 
 
-class LabeledTextDataModule(TokenizerSource, CachedDataModule):
+class PaddedSplits:
+    """Loaders of `self.datasets` ("train", "val", "test"), batches padded by `collate_class(<pad id>)` with the
+    tokenizer's pad token (our `<pad>` or BERT's `[PAD]`, else 0); training keeps every example (no drop_last:
+    few labels). Shared by the labeled-text, tagged-token and question-answering modules."""
+
+    collate_class: type = PadCollate
+    datasets: dict[str, Dataset]
+    tokenizer: Tokenizer | None
+
+    def collate(self) -> Callable[[list[dict]], dict[str, torch.Tensor]]:
+        pad = find_token(self.tokenizer, PAD_TOKENS)
+        return self.collate_class(pad if pad is not None else 0)
+
+    def train_dataloader(self) -> DataLoader:
+        return self.train_loader(self.datasets["train"], drop_last=False, collate_fn=self.collate())
+
+    def val_dataloader(self) -> DataLoader:
+        return self.eval_loader(self.datasets["val"], collate_fn=self.collate())
+
+    def test_dataloader(self) -> DataLoader:
+        return self.eval_loader(self.datasets["test"], collate_fn=self.collate())
+
+
+class LabeledTextDataModule(PaddedSplits, TokenizerSource, CachedDataModule):
     """Texts (optionally pairs) with a class or a number per row, for sequence classification or regression.
 
     Splits: the source's own train/val/test where it has them, else a stratified, seeded split. Few labels:
@@ -295,17 +319,3 @@ class LabeledTextDataModule(TokenizerSource, CachedDataModule):
             tokenizer=self.tokenizer,
             max_length=self.max_length,
         )
-
-    def collate(self) -> PadCollate:
-        pad = find_token(self.tokenizer, PAD_TOKENS)
-        return PadCollate(pad if pad is not None else 0)
-
-    def train_dataloader(self) -> DataLoader:
-        # Few labels: keep every example (no drop_last).
-        return self.train_loader(self.datasets["train"], drop_last=False, collate_fn=self.collate())
-
-    def val_dataloader(self) -> DataLoader:
-        return self.eval_loader(self.datasets["val"], collate_fn=self.collate())
-
-    def test_dataloader(self) -> DataLoader:
-        return self.eval_loader(self.datasets["test"], collate_fn=self.collate())

@@ -13,13 +13,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from tokenizers import Encoding, Tokenizer
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from fmlab.data.base import CachedDataModule, DataInfo
-from fmlab.data.labeled_text import PAD_TOKENS, add_template
+from fmlab.data.labeled_text import PaddedSplits, add_template
 from fmlab.data.sources import DataError, fingerprint, is_hf_dataset
 from fmlab.data.squad_sources import cut_groups, read_questions, squad_files
-from fmlab.data.tokenizer import TokenizerSource, find_token, train_bpe
+from fmlab.data.tokenizer import TokenizerSource, train_bpe
 from fmlab.errors import UserError, check_count
 from fmlab.resolve import resolve_path
 
@@ -189,7 +189,7 @@ class WindowCollate:
         return batch
 
 
-class QuestionAnsweringDataModule(TokenizerSource, CachedDataModule):
+class QuestionAnsweringDataModule(PaddedSplits, TokenizerSource, CachedDataModule):
     """SQuAD-format questions as windows of `max_length` tokens: question first, then the context, long contexts
     in several windows sharing `doc_stride` tokens (Hugging Face run_qa's layout).
 
@@ -199,6 +199,7 @@ class QuestionAnsweringDataModule(TokenizerSource, CachedDataModule):
     """
 
     cache_prefix, cache_title = "squad", "question-answering"
+    collate_class = WindowCollate
 
     def __init__(
         self,
@@ -338,16 +339,3 @@ class QuestionAnsweringDataModule(TokenizerSource, CachedDataModule):
             tokenizer=self.tokenizer,
             max_length=self.max_length,
         )
-
-    def collate(self) -> WindowCollate:
-        pad = find_token(self.tokenizer, PAD_TOKENS)
-        return WindowCollate(pad if pad is not None else 0)
-
-    def train_dataloader(self) -> DataLoader:
-        return self.train_loader(self.datasets["train"], drop_last=False, collate_fn=self.collate())
-
-    def val_dataloader(self) -> DataLoader:
-        return self.eval_loader(self.datasets["val"], collate_fn=self.collate())
-
-    def test_dataloader(self) -> DataLoader:
-        return self.eval_loader(self.datasets["test"], collate_fn=self.collate())

@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from tokenizers import Tokenizer
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from fmlab.data.base import CachedDataModule, DataInfo
-from fmlab.data.labeled_text import PAD_TOKENS, add_template
+from fmlab.data.labeled_text import PaddedSplits, add_template
 from fmlab.data.sampling import few_label_indices, stratified_split
 from fmlab.data.sources import (
     SPLIT_NAMES,
@@ -29,10 +29,10 @@ from fmlab.data.sources import (
     load_hf_dataset,
     register_preset,
 )
-from fmlab.data.tokenizer import TokenizerSource, find_token, train_bpe
-from fmlab.errors import check_choice
+from fmlab.data.tokenizer import TokenizerSource, train_bpe
+from fmlab.errors import check_choice, check_count
 from fmlab.resolve import resolve_path
-from fmlab.tags import IGNORE, entities, split_tag
+from fmlab.tags import IGNORE, entities, entity_types, split_tag
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
@@ -237,7 +237,7 @@ def is_byte_level(tok: Tokenizer) -> bool:
     return "ByteLevel" in json.dumps(json.loads(tok.to_str()).get("pre_tokenizer"))
 
 
-class TokenTagsDataModule(TokenizerSource, CachedDataModule):
+class TokenTagsDataModule(PaddedSplits, TokenizerSource, CachedDataModule):
     """Sentences of words with a tag each, for token classification.
 
     Splits: the source's own train/val/test where it has them, else a seeded split stratified on each sentence's
@@ -248,6 +248,7 @@ class TokenTagsDataModule(TokenizerSource, CachedDataModule):
     """
 
     cache_prefix, cache_title = "tags", "tagged-data"
+    collate_class = TagCollate
 
     def __init__(
         self,
@@ -272,8 +273,11 @@ class TokenTagsDataModule(TokenizerSource, CachedDataModule):
     ) -> None:
         super().__init__(cache_dir=cache_dir, batch_size=batch_size, num_workers=num_workers, seed=seed)
         check_choice("data.scheme", scheme, SCHEMES)
+        if not isinstance(label_all_tokens, bool):
+            raise DataError(f"data.label_all_tokens={label_all_tokens}: choose true or false")
+        check_count("data.max_length", max_length)
         self.source, self.tokens_column, self.tags_column = str(source), tokens_column, tags_column
-        self.scheme, self.label_all_tokens, self.tokenizer_source = scheme, bool(label_all_tokens), tokenizer
+        self.scheme, self.label_all_tokens, self.tokenizer_source = scheme, label_all_tokens, tokenizer
         self.vocab_size_wanted, self.max_length, self.template = vocab_size, max_length, template
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
         self.label_fraction, self.labels_per_class = label_fraction, labels_per_class
@@ -374,7 +378,7 @@ class TokenTagsDataModule(TokenizerSource, CachedDataModule):
         parts = {s: [{"tokens": x["tokens"], "tags": retag(x["tags"], self.scheme)} for x in sentences if x["tokens"]]
                  for s, sentences in parts.items()}
         parts = self.split(parts)
-        types = sorted({split_tag(t)[1] for p in parts.values() for s in p for t in s["tags"]} - {""})
+        types = entity_types([t for p in parts.values() for s in p for t in s["tags"]])
         names = tag_names(types, self.scheme)
         tag_ids = {n: i for i, n in enumerate(names)}
         tok = self.load_or_train_tokenizer(parts["train"])
@@ -409,16 +413,3 @@ class TokenTagsDataModule(TokenizerSource, CachedDataModule):
             tokenizer=self.tokenizer,
             max_length=self.max_length,
         )
-
-    def collate(self) -> TagCollate:
-        pad = find_token(self.tokenizer, PAD_TOKENS)
-        return TagCollate(pad if pad is not None else 0)
-
-    def train_dataloader(self) -> DataLoader:
-        return self.train_loader(self.datasets["train"], drop_last=False, collate_fn=self.collate())
-
-    def val_dataloader(self) -> DataLoader:
-        return self.eval_loader(self.datasets["val"], collate_fn=self.collate())
-
-    def test_dataloader(self) -> DataLoader:
-        return self.eval_loader(self.datasets["test"], collate_fn=self.collate())

@@ -123,20 +123,17 @@ def export_task(task: nn.Module, out_dir: str | Path) -> list[str]:
         hf_config["architectures"] = [architecture]
         state = {k: v for k, v in state.items() if not k.startswith("cls.")}
         state[f"{attribute}.weight"], state[f"{attribute}.bias"] = linear.weight.detach(), linear.bias.detach()
-        if hasattr(task, "label_names"):
-            names = task.label_names()
-            hf_config["id2label"] = {str(i): name for i, name in enumerate(names)}
-            hf_config["label2id"] = {name: i for i, name in enumerate(names)}
     notes = list(family.notes(task.model)) if hasattr(family, "notes") else []
     if getattr(task, "decoder", None) is not None:
         notes.append("the MAE decoder is not exported: the folder is the encoder only (ViTModel)")
     if hf_config["architectures"] == ["ViTModel"]:
         notes.append("ViTModel has a pooler this export has no weights for: load with add_pooling_layer=False")
     extra = dict(getattr(task, "extra_state", {}) or {})
-    if head is not None:
-        regression = head.weight.shape[0] == 1  # the classification task regresses with one output
-        names = task.label_names() if hasattr(task, "label_names") else [str(i) for i in range(head.weight.shape[0])]
-        hf_config["problem_type"] = "regression" if regression else "single_label_classification"
+    if head is not None:  # the classification task regresses with one output
+        hf_config["problem_type"] = "regression" if head.weight.shape[0] == 1 else "single_label_classification"
+    names = task.label_names() if hasattr(task, "label_names") else (  # classes or tags; a span head has none
+        [str(i) for i in range(head.weight.shape[0])] if head is not None else None)
+    if names:
         hf_config["id2label"] = {str(i): name for i, name in enumerate(names)}
         hf_config["label2id"] = {name: i for i, name in enumerate(names)}
     files: dict[str, str] = {}

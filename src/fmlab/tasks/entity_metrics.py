@@ -15,6 +15,13 @@ from torchmetrics import Metric
 from fmlab.tags import IGNORE, entities, entity_types
 
 
+def scores(correct: torch.Tensor, predicted: torch.Tensor, gold: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(precision, recall, F1) from entity counts, elementwise; 0 where a count is 0."""
+    correct, predicted, gold = correct.float(), predicted.float(), gold.float()
+    p, r = correct / predicted.clamp(min=1), correct / gold.clamp(min=1)
+    return p, r, torch.where(p + r > 0, 2 * p * r / (p + r).clamp(min=1e-12), torch.zeros_like(p))
+
+
 class EntityScores(Metric):
     """Micro precision / recall / F1 of entities, and F1 per type, from tag ids (B, T) where IGNORE marks
     positions without a tag. `compute` returns {"precision", "recall", "f1", "f1_<type>"...}."""
@@ -44,23 +51,14 @@ class EntityScores(Metric):
         self.gold += counts[2].to(self.gold.device)
 
     def compute(self) -> dict[str, torch.Tensor]:
-        def f1(correct: torch.Tensor, predicted: torch.Tensor, gold: torch.Tensor) -> tuple[torch.Tensor, ...]:
-            p = correct / predicted.clamp(min=1)
-            r = correct / gold.clamp(min=1)
-            return p, r, torch.where(p + r > 0, 2 * p * r / (p + r).clamp(min=1e-12), torch.zeros_like(p))
-
-        p, r, f = f1(self.correct.sum().float(), self.predicted.sum().float(), self.gold.sum().float())
+        p, r, f = scores(self.correct.sum(), self.predicted.sum(), self.gold.sum())
         out = {"precision": p, "recall": r, "f1": f}
-        _, _, per_type = f1(self.correct.float(), self.predicted.float(), self.gold.float())
+        _, _, per_type = scores(self.correct, self.predicted, self.gold)
         out.update({f"f1_{kind}": per_type[i] for i, kind in enumerate(self.types)})
         return out
 
     def report(self) -> dict[str, dict[str, float]]:
         """Per type: precision, recall, f1 and support (gold entities), for test_metrics.json."""
-        out = {}
-        for i, kind in enumerate(self.types):
-            c, p, g = (int(x[i]) for x in (self.correct, self.predicted, self.gold))
-            prec, rec = c / max(p, 1), c / max(g, 1)
-            f = 2 * prec * rec / (prec + rec) if prec + rec else 0.0
-            out[kind] = {"precision": prec, "recall": rec, "f1": f, "support": g}
-        return out
+        p, r, f = scores(self.correct, self.predicted, self.gold)
+        return {kind: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]),
+                       "support": int(self.gold[i])} for i, kind in enumerate(self.types)}

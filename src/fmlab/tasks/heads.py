@@ -14,7 +14,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from torchmetrics.regression import MeanAbsoluteError, MeanSquaredError, R2Score
 
-from fmlab.errors import UserError
+from fmlab.errors import UserError, check_rate
 from fmlab.models.heads import ClassificationHead
 from fmlab.tags import IGNORE
 from fmlab.tasks.entity_metrics import EntityScores
@@ -68,6 +68,7 @@ class TokenClassifier(nn.Module):
         super().__init__()
         if len(label_names) < 2:
             raise UserError(f"token classification needs at least 2 tags; the data has {label_names}")
+        check_rate("task.head.dropout", dropout)
         self.label_names = list(label_names)
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(n_embd, len(label_names))
@@ -83,9 +84,9 @@ class TokenClassifier(nn.Module):
 
     def loss(self, outputs: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         labels = batch["labels"]
-        if not (labels != IGNORE).any():  # a batch of windows without a tag (all truncated): nothing to learn
-            return outputs.sum() * 0.0
-        return F.cross_entropy(outputs.flatten(0, 1), labels.flatten(), ignore_index=IGNORE)
+        # The mean over tagged positions, 0 for a batch without one (all truncated), with no host sync to ask.
+        total = F.cross_entropy(outputs.flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="sum")
+        return total / (labels != IGNORE).sum().clamp(min=1)
 
     def predictions(self, outputs: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """(predicted tag ids (B, T), targets (B, T)): the targets IGNORE all but each word's first sub-token."""
