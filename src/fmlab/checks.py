@@ -13,7 +13,7 @@ from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
 from fmlab.config import CONF_DIR, option_file
-from fmlab.errors import UserError
+from fmlab.errors import UserError, check_choice
 
 # Keys of a data node that are not constructor arguments of its data module.
 DATA_NODE_KEYS = {"_target_", "_recursive_", "_convert_", "global_batch_size"}
@@ -21,6 +21,7 @@ DATA_NODE_KEYS = {"_target_", "_recursive_", "_convert_", "global_batch_size"}
 
 def check_run(cfg: DictConfig) -> None:
     OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)  # every interpolation, every ??? value
+    check_choice("optimized_mode", cfg.get("optimized_mode", "min"), ("min", "max"))
     check_data_options(cfg)
     check_writable(Path(cfg.paths.output_dir))
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fmlab.errors import UserError
+from fmlab.errors import UserError, check_rate
 from fmlab.models.transformer import POOLING
 
 
@@ -51,6 +51,7 @@ class ClassificationHead(nn.Module):
             self.norm = nn.BatchNorm1d(n_embd, affine=False, eps=1e-6)
         else:
             self.norm = nn.LayerNorm(n_embd) if norm else nn.Identity()
+        check_rate("task.head.dropout", dropout)
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(n_embd, num_labels)
         nn.init.normal_(self.classifier.weight, std=0.02)

@@ -177,10 +177,14 @@ class QuestionAnsweringTask(FinetuneTask):
         super().__init__(model, optimizer, scheduler, finetune_mode, layer_decay, lora, drop_path)
         check_count("task.max_answer_length", max_answer_length)
         check_count("task.n_best", n_best)
+        if version_2_with_negative not in (None, True, False):
+            raise UserError(f"task.version_2_with_negative={version_2_with_negative}: choose true, false or null")
+        if isinstance(null_threshold, bool) or not isinstance(null_threshold, int | float):
+            raise UserError(f"task.null_threshold={null_threshold}: must be a number (a score difference)")
         if version_2_with_negative is False and has_unanswerable:
             raise UserError("task.version_2_with_negative=false, but the data holds unanswerable questions; set it "
                             "true (or null: it follows the data)")
-        v2 = has_unanswerable if version_2_with_negative is None else bool(version_2_with_negative)
+        v2 = has_unanswerable if version_2_with_negative is None else version_2_with_negative
         self.save_hyperparameters({
             **self.hparams, "max_answer_length": max_answer_length, "n_best": n_best,
             "null_threshold": float(null_threshold), "version_2_with_negative": v2,
