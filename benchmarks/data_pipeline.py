@@ -3,8 +3,9 @@
     .venv/bin/python benchmarks/data_pipeline.py [--step-tokens-per-s N]
 
 - tokenizer MB/s: BPE training and batch encoding of the BBC News corpus;
-- loader tokens/s: batches served by TextCorpusDataModule's train loader, compared with what a training step
-  consumes (pass the fmlab tokens/s measured by benchmarks/throughput.py, default: read its JSON);
+- loader tokens/s: batches served by TextCorpusDataModule's train loader (memory map), and by data=streaming's
+  (StreamingCorpusDataModule: litdata token shards of 1 MB), compared with what a training step consumes (pass the
+  fmlab tokens/s measured by benchmarks/throughput.py, default: read its JSON);
 - peak RSS of `train.py` (tokens already cached) on the corpus and on a 10x larger one.
 
 Writes experiments/benchmarks/data_pipeline.{json,md}.
@@ -24,6 +25,7 @@ from pathlib import Path
 import torch
 
 from fmlab.data.sources import read_texts
+from fmlab.data.streaming import StreamingCorpusDataModule
 from fmlab.data.text_corpus import TextCorpusDataModule
 from fmlab.data.tokenizer import train_bpe
 
@@ -42,15 +44,26 @@ def tokenizer_speed(texts: list[str]) -> dict:
     return {"corpus_mb": mb, "train_mb_per_s": mb / trained, "encode_mb_per_s": mb / encoded}
 
 
-def loader_speed(batches: int, batch_size: int, block_size: int, cache_dir: str) -> float:
-    dm = TextCorpusDataModule(block_size=block_size, batch_size=batch_size, cache_dir=cache_dir)
+def loader_speed(batches: int, batch_size: int, block_size: int, cache_dir: str, streaming: bool = False) -> float:
+    """Tokens/s the training loader serves (one process, no workers): the memory map, or the token shards."""
+    if streaming:
+        dm = StreamingCorpusDataModule(block_size=block_size, batch_size=batch_size, cache_dir=cache_dir,
+                                       chunk_size=2**19)  # 1 MB shards of uint16 tokens
+    else:
+        dm = TextCorpusDataModule(block_size=block_size, batch_size=batch_size, cache_dir=cache_dir)
     dm.prepare_data()
     dm.setup()
-    loader = iter(dm.train_dataloader())
-    next(loader)
+    loader = dm.train_dataloader()
+
+    def endless():
+        while True:
+            yield from loader
+
+    stream = endless()
+    next(stream)
     start = time.perf_counter()
     for _ in range(batches):
-        next(loader)
+        next(stream)
     return batches * batch_size * block_size / (time.perf_counter() - start)
 
 
@@ -83,6 +96,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         cache = str(Path(tmp) / "cache")
         result["loader_tokens_per_s"] = loader_speed(200, 16, 256, cache)
+        result["streaming_loader_tokens_per_s"] = loader_speed(200, 16, 256, cache, streaming=True)
         step_tps = args.step_tokens_per_s
         bench = OUT / "gpt-bf16-mixed-t2.json"
         if step_tps is None and bench.is_file():
@@ -108,7 +122,8 @@ def main() -> None:
         f"| corpus size | {t['corpus_mb']:.1f} MB |",
         f"| BPE training | {t['train_mb_per_s']:.2f} MB/s |",
         f"| batch encoding | {t['encode_mb_per_s']:.2f} MB/s |",
-        f"| loader | {result['loader_tokens_per_s']:,.0f} tokens/s |",
+        f"| loader (memory map) | {result['loader_tokens_per_s']:,.0f} tokens/s |",
+        f"| loader (data=streaming, 1 MB shards) | {result['streaming_loader_tokens_per_s']:,.0f} tokens/s |",
     ]
     if "loader_over_consumption" in result:
         lines.append(f"| loader / training step consumption | {result['loader_over_consumption']:.0f}x |")

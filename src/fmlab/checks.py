@@ -16,7 +16,7 @@ from fmlab.config import CONF_DIR, option_file
 from fmlab.errors import UserError, check_choice
 
 # Keys of a data node that are not constructor arguments of its data module.
-DATA_NODE_KEYS = {"_target_", "_recursive_", "_convert_", "global_batch_size"}
+DATA_NODE_KEYS = {"_target_", "_recursive_", "_convert_", "global_batch_size", "module"}
 
 
 def check_run(cfg: DictConfig) -> None:
@@ -40,17 +40,37 @@ def check_data_options(cfg: DictConfig) -> None:
     target = cfg.data.get("_target_")
     if not target:
         raise UserError("data._target_: no data module; the objective (conf/task) names it")
-    cls = get_class(target)
-    unknown = sorted(set(cfg.data) - accepted(cls) - DATA_NODE_KEYS)
-    if not unknown:
-        return
-    presets = sorted(p.stem for p in (CONF_DIR / "data").glob("*.yaml"))
-    fitting = [name for name in presets if set(option_file("data", name)) <= accepted(cls)]
+    objective = get_class(target)
     data, model, task = choice("data"), choice("model"), choice("task")
-    raise UserError(
-        f"data={data}: its option(s) {unknown} are not options of {cls.__name__}, the data that "
-        f"{f'model={model} ' if model else ''}task={task} reads; choose one of data={'|'.join(fitting)}"
-    )
+    reads = f"{f'model={model} ' if model else ''}task={task} reads"
+    cls = get_class(cfg.data.get("module") or target)
+    if not issubclass(cls, objective):
+        raise UserError(f"data={data}: its module {cls.__name__} does not read {objective.__name__}'s data, which "
+                        f"{reads}; choose one of data={'|'.join(fitting_presets(objective))}")
+    unknown = sorted(set(cfg.data) - accepted(cls) - DATA_NODE_KEYS)
+    if unknown:
+        raise UserError(f"data={data}: its option(s) {unknown} are not options of {cls.__name__}, the data that "
+                        f"{reads}; choose one of data={'|'.join(fitting_presets(objective))}")
+
+
+def fitting_presets(objective: type) -> list[str]:
+    """The data presets (conf/data) an objective reading `objective` can take."""
+    presets = sorted(p.stem for p in (CONF_DIR / "data").glob("*.yaml"))
+    return [name for name in presets if preset_fits(option_file("data", name), objective)]
+
+
+def preset_fits(options: dict, objective: type) -> bool:
+    """A data preset's options are arguments of the module it builds for an objective reading `objective`."""
+    cls = get_class(options["module"]) if options.get("module") else objective
+    return issubclass(cls, objective) and set(options) - {"module"} <= accepted(cls)
+
+
+def data_module_node(node: dict) -> dict:
+    """A data node as Hydra instantiates it: a preset's `module` (a subclass of the objective's data module that
+    reads the same data its own way, e.g. data=streaming) replaces the objective's `_target_`. The objective's file
+    comes after the data file in the defaults list, so a data file cannot set `_target_` itself."""
+    rest = {k: v for k, v in node.items() if k != "module"}
+    return {**rest, "_target_": node["module"]} if node.get("module") else rest
 
 
 def check_writable(run_dir: Path) -> None:

@@ -12,6 +12,7 @@ import lightning as L
 from omegaconf import DictConfig, OmegaConf
 from tokenizers import Tokenizer
 
+from fmlab.checks import data_module_node
 from fmlab.errors import UserError
 from fmlab.resolve import read_checkpoint
 from fmlab.runtime import build_trainer, rank_zero_print
@@ -24,7 +25,7 @@ def data_node(cfg: DictConfig, checkpoint: dict[str, Any]) -> dict:
     """The training run's data node (saved in the checkpoint), with eval's `data` choices and cache on top."""
     saved = checkpoint.get("fmlab", {}).get("data")
     chosen = {k: v for k, v in to_plain(cfg.get("data") or {}).items() if v is not None}  # unset: the run's value
-    node = {**(saved or {}), **chosen}
+    node = data_module_node({**(saved or {}), **chosen})
     if "_target_" not in node:
         raise UserError(f"ckpt_path={cfg.ckpt_path}: carries no data config; choose one with data=<preset> "
                         "data._target_=...")

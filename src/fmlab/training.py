@@ -19,7 +19,7 @@ from tokenizers import Tokenizer
 
 import fmlab.config  # noqa: F401  (registers the config resolvers)
 from fmlab.callbacks.preemption import exit_preempted
-from fmlab.checks import check_run
+from fmlab.checks import check_run, data_module_node
 from fmlab.cli import is_user_error, log_to_file, one_line
 from fmlab.config import is_multirun
 from fmlab.data.base import DataInfo
@@ -74,10 +74,11 @@ def task_wrapper(fn: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]
 
 
 def data_config(cfg: DictConfig) -> dict:
-    """The resolved `data` node, minus `global_batch_size` (a trainer matter, see fmlab/runtime.py)."""
+    """The resolved `data` node, minus `global_batch_size` (a trainer matter, see fmlab/runtime.py), with a preset's
+    `module` as its `_target_`."""
     node = to_plain(cfg.data)
     node.pop("global_batch_size", None)
-    return node
+    return data_module_node(node)
 
 
 def run_pretrained(cfg: DictConfig) -> Pretrained | None:
