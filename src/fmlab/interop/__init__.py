@@ -1,5 +1,5 @@
-"""Hugging Face interop: one module per family (`hf_gpt2`, `hf_bert`, `hf_vit`) maps our state dicts and configs to
-the `transformers` layout and back; `export` writes a checkpoint as a `from_pretrained` folder.
+"""Hugging Face interop: one module per family (`hf_gpt2`, `hf_bert`, `hf_vit`, `hf_t5`) maps our state dicts and
+configs to the `transformers` layout and back; `export` writes a checkpoint as a `from_pretrained` folder.
 
 `FAMILIES` is the one registry that import (`fmlab.resolve`) and export both use. A family module defines
 `MODEL_TYPE` (Hugging Face's `model_type`), `CONFIG_TARGET` (our config class), `TWIN_POOLING` (what Hugging
@@ -18,6 +18,7 @@ FAMILIES: dict[str, str] = {  # Hugging Face model_type -> our module for it (im
     "gpt2": "fmlab.interop.hf_gpt2",
     "bert": "fmlab.interop.hf_bert",
     "vit": "fmlab.interop.hf_vit",
+    "t5": "fmlab.interop.hf_t5",
 }
 
 

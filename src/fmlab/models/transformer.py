@@ -52,10 +52,14 @@ class TransformerConfig:
         for name in ("dropout", "attn_dropout", "drop_path"):
             check_rate(f"model.{name}", getattr(self, name))
         check_choice("model.pooling", self.pooling, POOLING)
-        if self.n_embd % self.n_head:
-            raise UserError(f"model.n_embd={self.n_embd} is not divisible by model.n_head={self.n_head}")
+        self.check_heads()
         if self.activation not in ACTIVATIONS:
             raise UserError(f"model.activation={self.activation!r}; choose one of {sorted(ACTIVATIONS)}")
+
+    def check_heads(self) -> None:
+        """The heads split the width evenly (a family with its own head size, as T5's `head_size`, overrides this)."""
+        if self.n_embd % self.n_head:
+            raise UserError(f"model.n_embd={self.n_embd} is not divisible by model.n_head={self.n_head}")
 
     @property
     def mlp_width(self) -> int:

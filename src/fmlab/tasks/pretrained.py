@@ -43,6 +43,8 @@ def backbone_config(pretrained: Pretrained, run_model: dict, data_fields: dict) 
         cfg["pooling"] = run_model["pooling"]
     cfg.update({k: data_fields[k] for k in RESOLUTION_FIELDS if k in data_fields})
     for key, value in data_fields.items():
+        if key == "vocab_size" and key in cfg and value < cfg[key]:
+            continue  # an embedding padded past the tokenizer, as T5's 32,128 rows for 32,100 pieces
         if key in cfg and cfg[key] != value:
             hint = MISMATCH_HINTS.get(key, "choose data that matches the pretrained model").format(theirs=cfg[key])
             raise PretrainedError(
