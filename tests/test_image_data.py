@@ -56,7 +56,11 @@ def test_few_labels_are_stratified_and_seeded(tmp_path: Path) -> None:
     root = write_fashion_like(tmp_path / "fm", n_train=400, n_test=20)
     dm = datamodule(tmp_path, root=str(root), labeled=True, labels_per_class=3, val_fraction=0.25)
     assert torch.bincount(dm.train_set.labels, minlength=10).tolist() == [3] * 10
-    assert len(dm.val_set) == 100 and len(dm.test_set) == 20  # validation and test keep all their labels
+    assert len(dm.val_set) == 30 and len(dm.test_set) == 20  # validation drawn as few, test whole
+    assert torch.bincount(dm.val_set.labels, minlength=10).tolist() == [3] * 10
+    everything = datamodule(tmp_path, root=str(root), labeled=True, labels_per_class=3, val_fraction=0.25,
+                            val_labels="all")
+    assert len(everything.val_set) == 100
     batch = next(iter(dm.val_dataloader()))
     assert set(batch) == {"pixel_values", "labels"}
     assert dm.describe().task == {"num_labels": 10}

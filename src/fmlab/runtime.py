@@ -113,6 +113,15 @@ def launch_ranks_in_this_job() -> None:
             log.warning("%s has no Hydra launch hook; DDP ranks may create their own run folders", module.__name__)
 
 
+def steps_between_validations(trainer_cfg: dict) -> None:
+    """An integer `val_check_interval` counts training steps across epochs, whatever `check_val_every_n_epoch` the
+    stage set (stage=finetune validates every epoch): Lightning would otherwise count batches within one epoch and
+    refuse an interval longer than an epoch of few labels."""
+    interval = trainer_cfg.get("val_check_interval")
+    if isinstance(interval, int) and not isinstance(interval, bool) and trainer_cfg.get("check_val_every_n_epoch"):
+        trainer_cfg["check_val_every_n_epoch"] = None
+
+
 def build_trainer(cfg: DictConfig, callbacks: list, loggers: list) -> L.Trainer:
     """lightning.Trainer from `cfg.trainer`, with accumulation derived from `data.global_batch_size` if set."""
     quiet_console()
@@ -121,6 +130,7 @@ def build_trainer(cfg: DictConfig, callbacks: list, loggers: list) -> L.Trainer:
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     for key in NON_TRAINER_KEYS:
         trainer_cfg.pop(key, None)
+    steps_between_validations(trainer_cfg)
     log.info("Instantiating trainer <%s>", trainer_cfg["_target_"])
     trainer: L.Trainer = hydra.utils.instantiate(trainer_cfg, callbacks=callbacks, logger=loggers or False)
     warn_unshared_run_folder(trainer)

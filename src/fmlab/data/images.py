@@ -21,8 +21,9 @@ from torchvision.transforms import v2
 
 from fmlab.data.base import CachedDataModule, DataInfo
 from fmlab.data.image_sources import ImageSplits, read_image_source
-from fmlab.data.sampling import few_label_indices, stratified_split
+from fmlab.data.sampling import VAL_LABELS, few_label_indices, few_label_val_indices, stratified_split
 from fmlab.data.sources import DataError, Preset, find_preset, fingerprint
+from fmlab.errors import check_choice
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +111,7 @@ class ImageDataModule(CachedDataModule):
         labeled: bool = False,
         label_fraction: float | None = None,
         labels_per_class: int | None = None,
+        val_labels: str = "matched",
         val_fraction: float = 0.1,
         img_size: int | list[int] | None = None,
         in_chans: int | None = None,
@@ -128,7 +130,8 @@ class ImageDataModule(CachedDataModule):
         self.source, self.root = str(source), root
         self.labeled = labeled
         self.label_fraction, self.labels_per_class = label_fraction, labels_per_class
-        self.val_fraction = val_fraction
+        check_choice("data.val_labels", val_labels, VAL_LABELS)
+        self.val_labels, self.val_fraction = val_labels, val_fraction
         self.img_size = None if img_size is None else (
             (int(img_size), int(img_size)) if isinstance(img_size, int) else tuple(int(s) for s in img_size)
         )
@@ -253,15 +256,24 @@ class ImageDataModule(CachedDataModule):
         augment = self.build_augment(size)
         train_labels = labels[train_idx] if self.labeled else None
         self.train_set = ImageBatches(images[train_idx], train_labels, self.mean, self.std, size, augment)
-        self.val_set = ImageBatches(val_images, val_labels if self.labeled else None, self.mean, self.std, size)
         test_images, test_labels = splits.get("test", (None, None))
-        if test_images is None:
+        if test_images is None:  # the whole validation split, before a few-label draw
             log.info("%s has no test split; testing on the validation split", self.source)
+            test_images, test_labels = val_images, val_labels
+        else:
+            test_images = self._check_channels(test_images)
+        if self.labeled:
+            keep_val = few_label_val_indices(val_labels.numpy(), self.label_fraction, self.labels_per_class,
+                                             self.seed, self.val_labels)
+            if len(keep_val) < len(val_labels):
+                log.info("Validating on %d of %d labeled images (data.val_labels=%s)", len(keep_val),
+                         len(val_labels), self.val_labels)
+                val_images, val_labels = val_images[keep_val], val_labels[keep_val]
+        self.val_set = ImageBatches(val_images, val_labels if self.labeled else None, self.mean, self.std, size)
+        if test_images is val_images:
             self.test_set = self.val_set
         else:
-            self.test_set = ImageBatches(
-                self._check_channels(test_images), test_labels if self.labeled else None, self.mean, self.std, size
-            )
+            self.test_set = ImageBatches(test_images, test_labels if self.labeled else None, self.mean, self.std, size)
 
     def label_summary(self, labels: torch.Tensor) -> str:
         counts = torch.bincount(labels, minlength=len(self.label_names)).tolist()

@@ -13,9 +13,10 @@ from tokenizers.processors import TemplateProcessing
 from torch.utils.data import DataLoader, Dataset
 
 from fmlab.data.base import CachedDataModule, DataInfo
-from fmlab.data.sampling import few_label_indices, stratified_split
+from fmlab.data.sampling import VAL_LABELS, few_label_indices, few_label_val_indices, stratified_split
 from fmlab.data.sources import DataError, deduplicate, fingerprint, read_split_table
 from fmlab.data.tokenizer import TokenizerSource, find_token, train_bpe
+from fmlab.errors import check_choice
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
@@ -121,7 +122,8 @@ class LabeledTextDataModule(PaddedSplits, TokenizerSource, CachedDataModule):
     """Texts (optionally pairs) with a class or a number per row, for sequence classification or regression.
 
     Splits: the source's own train/val/test where it has them, else a stratified, seeded split. Few labels:
-    `label_fraction` or `labels_per_class` subsample the training split only (stratified, seeded). `tokenizer`:
+    `label_fraction` or `labels_per_class` subsample the training split (stratified, seeded), and the validation
+    split the same way unless `val_labels=all`; the test split stays whole. `tokenizer`:
     a source to load one from, a `tokenizers.Tokenizer`, or None to train a BPE on the training split.
     """
 
@@ -145,11 +147,14 @@ class LabeledTextDataModule(PaddedSplits, TokenizerSource, CachedDataModule):
         labels_per_class: int | None = None,
         seed: int = 1234,
         label_seed: int | None = None,
+        val_labels: str = "matched",
         batch_size: int = 16,
         num_workers: int = 0,
         cache_dir: str = "~/.cache/fmlab",
     ) -> None:
         super().__init__(cache_dir=cache_dir, batch_size=batch_size, num_workers=num_workers, seed=seed)
+        check_choice("data.val_labels", val_labels, VAL_LABELS)
+        self.val_labels = val_labels
         self.source, self.tokenizer_source = str(source), tokenizer
         self.text_column, self.text_pair_column, self.label_column = text_column, text_pair_column, label_column
         self.vocab_size_wanted, self.max_length = vocab_size, max_length
@@ -292,17 +297,34 @@ class LabeledTextDataModule(PaddedSplits, TokenizerSource, CachedDataModule):
         if meta["regression"] and self.labels_per_class is not None:
             raise DataError("data.labels_per_class needs class labels; use data.label_fraction for regression")
         arrays = {s: dict(np.load(folder / f"{s}.npz")) for s in SPLITS}
-        train_labels = arrays["train"]["labels"]
-        strata = np.zeros(len(train_labels)) if meta["regression"] else train_labels
-        keep = few_label_indices(strata, self.label_fraction, self.labels_per_class, self.label_seed)
+        keep = self.few_label_selection({s: arrays[s]["labels"] for s in SPLITS}, meta["regression"])
         self.meta, self.tokenizer = meta, Tokenizer.from_file(str(folder / "tokenizer.json"))
-        self.datasets = {
-            "train": TokenizedExamples(arrays["train"], keep),
-            "val": TokenizedExamples(arrays["val"]),
-            "test": TokenizedExamples(arrays["test"]),
+        self.datasets = {s: TokenizedExamples(arrays[s], keep[s]) for s in SPLITS}
+        n_train, n_val = len(arrays["train"]["labels"]), len(arrays["val"]["labels"])
+        if len(keep["train"]) < n_train:
+            log.info("Few labels: training on %d of %d labeled examples, validating on %d of %d",
+                     len(keep["train"]), n_train, len(keep["val"]), n_val)
+
+    def few_label_selection(self, labels: dict[str, np.ndarray], regression: bool) -> dict[str, np.ndarray]:
+        """Indices kept per split (labels in cache order): the few training labels, the validation split drawn the
+        same way (data.val_labels), the whole test split. Classic baselines read the same (experiments/)."""
+        def strata(split: str) -> np.ndarray:
+            return np.zeros(len(labels[split])) if regression else labels[split]
+
+        return {
+            "train": few_label_indices(strata("train"), self.label_fraction, self.labels_per_class, self.label_seed),
+            "val": few_label_val_indices(strata("val"), self.label_fraction, self.labels_per_class, self.label_seed,
+                                         self.val_labels),
+            "test": np.arange(len(labels["test"])),
         }
-        if len(keep) < len(train_labels):
-            log.info("Few labels: training on %d of %d labeled examples", len(keep), len(train_labels))
+
+    def labeled_records(self) -> dict[str, list[dict]]:
+        """The cleaned records of each split in cache order, with their label ids as `label_id` (a read of the
+        source, no tokenizing): what a classic baseline trains and tests on."""
+        parts = read_split_table(self.source, self.columns)
+        parts = self.split({s: self.clean(r, s) for s, r in parts.items()})
+        labels, _ = self.encode_labels(parts)
+        return {s: [{**r, "label_id": y} for r, y in zip(parts[s], labels[s].tolist(), strict=True)] for s in SPLITS}
 
     @property
     def num_labels(self) -> int:

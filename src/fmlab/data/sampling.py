@@ -7,14 +7,22 @@ from collections.abc import Sequence
 import numpy as np
 
 from fmlab.data.sources import DataError
+from fmlab.errors import check_choice
+
+# data.val_labels: at few labels, the validation split that early stopping and the best checkpoint read is drawn as
+# the training labels are ("matched", at least VAL_MIN_PER_CLASS per class), or kept whole ("all"). A run that
+# chooses its checkpoint on more labels than it trains on overstates what few labels give (Oliver et al. 2018).
+VAL_LABELS = ("matched", "all")
+VAL_MIN_PER_CLASS = 2
 
 
 def few_label_indices(
-    labels: Sequence, label_fraction: float | None = None, labels_per_class: int | None = None, seed: int = 0
+    labels: Sequence, label_fraction: float | None = None, labels_per_class: int | None = None, seed: int = 0,
+    min_per_class: int = 1,
 ) -> np.ndarray:
     """Sorted indices of a stratified, seeded subset of a training split.
 
-    `label_fraction` keeps that share of each class (at least one example per class);
+    `label_fraction` keeps that share of each class (at least `min_per_class` examples of it);
     `labels_per_class` keeps that many of each class (all of a smaller class). Neither keeps everything.
     """
     labels = np.asarray(labels)
@@ -30,9 +38,21 @@ def few_label_indices(
     keep = []
     for cls in np.unique(labels):
         members = rng.permutation(np.flatnonzero(labels == cls))
-        n = labels_per_class if labels_per_class is not None else max(1, round(label_fraction * len(members)))
-        keep.append(members[:n])
+        n = labels_per_class if labels_per_class is not None else round(label_fraction * len(members))
+        keep.append(members[: max(n, min_per_class)])
     return np.sort(np.concatenate(keep))
+
+
+def few_label_val_indices(
+    labels: Sequence, label_fraction: float | None, labels_per_class: int | None, seed: int,
+    val_labels: str = "matched",
+) -> np.ndarray:
+    """Sorted indices of the validation examples a few-label run keeps: drawn as its training labels are
+    (`val_labels=matched`, at least VAL_MIN_PER_CLASS per class, a draw of its own), or all of them."""
+    check_choice("data.val_labels", val_labels, VAL_LABELS)
+    if val_labels == "all":
+        return np.arange(len(labels))
+    return few_label_indices(labels, label_fraction, labels_per_class, seed + 1, min_per_class=VAL_MIN_PER_CLASS)
 
 
 def stratified_split(

@@ -1,0 +1,140 @@
+"""What a believable few-label comparison needs from the framework: fine-tuning budgets in epochs with early
+stopping by default, a validation split drawn at the training labels' size, and classic baselines (TF-IDF and pixel
+logistic regression) on exactly the samples a run trains and tests on."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fmlab.data.images import ImageDataModule
+from fmlab.data.labeled_text import LabeledTextDataModule
+from fmlab.data.sampling import VAL_MIN_PER_CLASS, few_label_indices, few_label_val_indices
+from fmlab.errors import UserError
+from fmlab.runtime import steps_between_validations
+from tests.conftest import compose_config
+from tests.image_data import write_image_folder
+from tests.labeled_data import write_labeled_csv
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments" / "label_efficiency"))
+baselines = pytest.importorskip("baselines")
+pytest.importorskip("sklearn", reason="the classic baselines need scikit-learn (pip install -e '.[experiments]')")
+
+
+# ---- budgets ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model", ["bert", "gpt", "vit", "minilm"])
+def test_finetuning_runs_in_epochs_until_validation_stops_improving(tmp_path: Path, model: str) -> None:
+    cfg = compose_config([f"model={model}", "stage=finetune"], tmp_path)
+    assert (cfg.trainer.max_steps, cfg.trainer.val_check_interval, cfg.trainer.check_val_every_n_epoch) == (-1, 1.0, 1)
+    assert cfg.trainer.max_epochs >= 50
+    assert cfg.callbacks.early_stopping.monitor == cfg.optimized_metric
+    assert cfg.callbacks.model_checkpoint.monitor == cfg.optimized_metric and cfg.test_after_fit
+    if model == "minilm":
+        return  # pre-trained elsewhere: no pre-training stage
+    pretrain = compose_config([f"model={model}", "stage=pretrain"], tmp_path)
+    assert pretrain.trainer.max_steps > 0 and pretrain.trainer.max_epochs == -1, "pre-training keeps a step budget"
+
+
+def test_a_step_interval_counts_steps_across_epochs() -> None:
+    cfg = {"val_check_interval": 50, "check_val_every_n_epoch": 1}
+    steps_between_validations(cfg)
+    assert cfg["check_val_every_n_epoch"] is None
+    cfg = {"val_check_interval": 1.0, "check_val_every_n_epoch": 1}
+    steps_between_validations(cfg)
+    assert cfg["check_val_every_n_epoch"] == 1
+
+
+# ---- few-label validation --------------------------------------------------------------------------------------------
+
+
+def test_validation_is_drawn_at_the_training_fraction_with_a_floor() -> None:
+    labels = np.repeat(np.arange(4), [100, 100, 10, 3])
+    val = few_label_val_indices(labels, 0.05, None, seed=0)
+    assert np.bincount(labels[val]).tolist() == [5, 5, VAL_MIN_PER_CLASS, VAL_MIN_PER_CLASS]
+    assert np.bincount(labels[few_label_val_indices(labels, None, 4, seed=0)]).tolist() == [4, 4, 4, 3]
+    assert len(few_label_val_indices(labels, 0.05, None, seed=0, val_labels="all")) == len(labels)
+    assert len(few_label_val_indices(labels, None, None, seed=0)) == len(labels), "all labels: all of val"
+    assert np.bincount(labels[few_label_indices(labels, 0.05)]).tolist() == [5, 5, 1, 1]
+    with pytest.raises(UserError, match="data.val_labels=some"):
+        few_label_val_indices(labels, 0.05, None, seed=0, val_labels="some")
+
+
+def text_module(tmp_path: Path, **kw) -> LabeledTextDataModule:
+    dm = LabeledTextDataModule(source=str(write_labeled_csv(tmp_path / "labeled.csv", per_class=40)),
+                               vocab_size=300, cache_dir=str(tmp_path / "cache"), **kw)
+    dm.prepare_data()
+    dm.setup()
+    return dm
+
+
+def test_few_label_text_validates_on_few_labels_and_tests_on_all(tmp_path: Path) -> None:
+    full = text_module(tmp_path)
+    few = text_module(tmp_path, labels_per_class=3)
+    sizes = {s: len(few.datasets[s]) for s in ("train", "val", "test")}
+    assert sizes == {"train": 15, "val": 15, "test": len(full.datasets["test"])}
+    assert len(full.datasets["val"]) == 20
+    assert len(text_module(tmp_path, labels_per_class=3, val_labels="all").datasets["val"]) == 20
+
+
+def test_few_label_images_validate_on_few_labels_and_test_on_all(tmp_path: Path) -> None:
+    root = write_image_folder(tmp_path / "images", n_per_class=50)
+    common = {"source": str(root), "labeled": True, "val_fraction": 0.4, "cache_dir": str(tmp_path / "cache")}
+    full, few = ImageDataModule(**common), ImageDataModule(**common, label_fraction=0.1)
+    full.setup()
+    few.setup()
+    assert len(few.train_set) == 6 and len(few.val_set) == 4
+    assert len(few.test_set) == len(full.test_set) == len(full.val_set) == 40, "no test split: the whole val"
+
+
+# ---- classic baselines -----------------------------------------------------------------------------------------------
+
+
+def test_text_baseline_reads_the_runs_sample_and_learns_the_topics(tmp_path: Path) -> None:
+    dm = text_module(tmp_path, labels_per_class=4)
+    splits = baselines.text_splits(dm)
+    for s in ("train", "val", "test"):
+        assert splits[s][1].tolist() == dm.datasets[s].labels().tolist(), s
+    assert len(splits["train"][0]) == 20 and all(isinstance(t, str) for t in splits["train"][0])
+    result = baselines.tfidf_logreg(splits)
+    assert result["test/acc"] == 1.0 and result["C"] in baselines.C_GRID, result
+
+
+def test_pixel_baseline_reads_the_runs_images(tmp_path: Path) -> None:
+    root = write_image_folder(tmp_path / "images", n_per_class=40)
+    dm = ImageDataModule(source=str(root), labeled=True, val_fraction=0.25, cache_dir=str(tmp_path / "cache"),
+                         labels_per_class=10)
+    splits = baselines.image_splits(dm)
+    assert [len(splits[s][1]) for s in ("train", "val", "test")] == [20, 20, 20]
+    assert splits["train"][0].dtype == np.uint8 and splits["train"][0].shape[1:] == (1, 28, 28)
+    assert np.array_equal(splits["train"][1], dm.train_set.labels.numpy())
+
+
+def test_pixel_baseline_separates_where_a_linear_model_can() -> None:
+    rng = np.random.default_rng(0)
+    labels = np.arange(90) % 2
+    images = rng.integers(0, 100, (90, 1, 8, 8)).astype(np.uint8)
+    images[labels == 1, :, :, :4] += 120  # class 1 is bright on the left
+    parts = {s: (images[i::3], labels[i::3]) for i, s in enumerate(("train", "val", "test"))}
+    result = baselines.pixel_logreg(parts)
+    assert result["test/acc"] == 1.0 and result["test/f1"] == 1.0, result
+
+
+def test_the_validation_choice_of_c_is_the_best_on_val() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 5))
+    y = (x[:, 0] + 0.5 * rng.normal(size=200) > 0).astype(int)
+    parts = {"train": (x[:100], y[:100]), "val": (x[100:150], y[100:150]), "test": (x[150:], y[150:])}
+    best = baselines.logistic_regression(*parts.values(), grid=(1e-4, 1.0))
+    assert best["C"] == 1.0 and best["val/acc"] > 0.7, best
+
+
+def test_spread_over_seeds_is_the_sample_standard_deviation() -> None:
+    from common import sample_std
+
+    assert sample_std(np.array([1.0, 2.0, 3.0])) == pytest.approx(1.0)
+    assert sample_std(np.array([5.0])) == 0.0
