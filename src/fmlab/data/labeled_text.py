@@ -13,7 +13,7 @@ from tokenizers.processors import TemplateProcessing
 from torch.utils.data import DataLoader, Dataset
 
 from fmlab.data.base import CachedDataModule, DataInfo
-from fmlab.data.sampling import VAL_LABELS, few_label_indices, few_label_val_indices, stratified_split
+from fmlab.data.sampling import VAL_LABELS, complete_splits, few_label_indices, few_label_val_indices
 from fmlab.data.sources import DataError, deduplicate, fingerprint, read_split_table
 from fmlab.data.tokenizer import TokenizerSource, find_token, train_bpe
 from fmlab.errors import check_choice
@@ -200,24 +200,11 @@ class LabeledTextDataModule(PaddedSplits, TokenizerSource, CachedDataModule):
         """The given splits, with the missing ones cut (stratified, seeded) from the training data."""
         if "all" in parts:
             parts = {"train": deduplicate(parts.pop("all"), self.text_column), **parts}
-        if "train" not in parts:
-            raise DataError(f"data.source={self.source}: no training split (found {sorted(parts)})")
-        want = [s for s in ("val", "test") if s not in parts]
-        if want:
-            train = parts["train"]
-            fractions = {"val": self.val_fraction, "test": self.test_fraction}
-            strata = [0] * len(train) if self.is_regression(train) else [str(r[self.label_column]) for r in train]
-            cut = stratified_split(strata, [fractions[s] for s in want], self.seed)
-            parts = {**parts, "train": [train[i] for i in cut[0]]}
-            for s, idx in zip(want, cut[1:], strict=True):
-                parts[s] = [train[i] for i in idx]
-        rng = np.random.default_rng(self.seed)
-        for s in SPLITS:
-            if not parts[s]:
-                raise DataError(f"data.source={self.source}: the {s} split is empty; use more data or other fractions")
-            # Mixed classes in every stretch, so limit_val_batches sees them all.
-            parts[s] = [parts[s][i] for i in rng.permutation(len(parts[s]))]
-        return parts
+
+        def strata(train: list[dict]) -> list:
+            return [0] * len(train) if self.is_regression(train) else [str(r[self.label_column]) for r in train]
+
+        return complete_splits(parts, self.source, self.val_fraction, self.test_fraction, self.seed, strata)
 
     def is_regression(self, records: list[dict]) -> bool:
         if self.regression is not None:

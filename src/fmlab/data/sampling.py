@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -71,3 +71,27 @@ def stratified_split(
             start += n
         parts[0].append(members[start:])
     return [np.sort(np.concatenate(p)) for p in parts]
+
+
+def complete_splits(
+    parts: dict[str, list], source: str, val_fraction: float, test_fraction: float, seed: int,
+    strata: Callable[[list], Sequence],
+) -> dict[str, list]:
+    """train / val / test records: the source's own splits, the missing val and test cut from train (stratified on
+    `strata(train records)`, seeded), each split then shuffled (seeded) so every stretch of it mixes classes."""
+    if "train" not in parts:
+        raise DataError(f"data.source={source}: no training split (found {sorted(parts)})")
+    want = [s for s in ("val", "test") if s not in parts]
+    if want:
+        train = parts["train"]
+        fractions = {"val": val_fraction, "test": test_fraction}
+        cut = stratified_split(strata(train), [fractions[s] for s in want], seed)
+        parts = {**parts, "train": [train[i] for i in cut[0]]}
+        parts.update({s: [train[i] for i in idx] for s, idx in zip(want, cut[1:], strict=True)})
+    rng = np.random.default_rng(seed)
+    out = {}
+    for s in ("train", "val", "test"):
+        if not parts[s]:
+            raise DataError(f"data.source={source}: the {s} split is empty; use more data or other fractions")
+        out[s] = [parts[s][i] for i in rng.permutation(len(parts[s]))]
+    return out

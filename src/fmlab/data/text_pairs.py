@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 
 import fmlab.data.bible  # noqa: F401  (registers the bible_en_es preset)
 from fmlab.data.base import CachedDataModule, DataInfo
-from fmlab.data.sampling import stratified_split
+from fmlab.data.sampling import complete_splits
 from fmlab.data.sources import (
     DataError,
     Preset,
@@ -194,22 +194,11 @@ class TextPairsDataModule(TokenizerSource, CachedDataModule):
         """The given splits, with the missing ones cut (seeded, stratified where asked) from the training data."""
         if "all" in parts:  # identical pairs once (a source with two targets stays twice, as bbc_news keeps both)
             parts = {"train": unique_pairs(parts.pop("all"), self.source_column, self.target_column), **parts}
-        if "train" not in parts:
-            raise DataError(f"data.source={self.source}: no training split (found {sorted(parts)})")
-        want = [s for s in ("val", "test") if s not in parts]
-        if want:
-            train = parts["train"]
-            strata = [str(r[self.stratify_column]) for r in train] if self.stratify_column else [0] * len(train)
-            fractions = {"val": self.val_fraction, "test": self.test_fraction}
-            cut = stratified_split(strata, [fractions[s] for s in want], self.seed)
-            parts = {**parts, "train": [train[i] for i in cut[0]]}
-            parts.update({s: [train[i] for i in idx] for s, idx in zip(want, cut[1:], strict=True)})
-        rng = np.random.default_rng(self.seed)
-        for s in SPLITS:
-            if not parts[s]:
-                raise DataError(f"data.source={self.source}: the {s} split is empty; use more data or other fractions")
-            parts[s] = [parts[s][i] for i in rng.permutation(len(parts[s]))]
-        return parts
+
+        def strata(train: list[dict]) -> list:
+            return [str(r[self.stratify_column]) for r in train] if self.stratify_column else [0] * len(train)
+
+        return complete_splits(parts, self.source, self.val_fraction, self.test_fraction, self.seed, strata)
 
     def texts(self, records: list[dict]) -> dict[str, list[str]]:
         return {"source": [self.source_prefix + str(r[self.source_column]).strip() for r in records],

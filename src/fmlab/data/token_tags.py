@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 
 from fmlab.data.base import CachedDataModule, DataInfo
 from fmlab.data.labeled_text import PaddedSplits, add_template
-from fmlab.data.sampling import few_label_indices, stratified_split
+from fmlab.data.sampling import complete_splits, few_label_indices
 from fmlab.data.sources import (
     SPLIT_NAMES,
     DataError,
@@ -311,23 +311,8 @@ class TokenTagsDataModule(PaddedSplits, TokenizerSource, CachedDataModule):
         """The given splits, with the missing ones cut (seeded, stratified on the first entity type)."""
         if "all" in parts:
             parts = {"train": parts.pop("all"), **parts}
-        if "train" not in parts:
-            raise DataError(f"data.source={self.source}: no training split (found {sorted(parts)})")
-        want = [s for s in ("val", "test") if s not in parts]
-        if want:
-            train = parts["train"]
-            fractions = {"val": self.val_fraction, "test": self.test_fraction}
-            cut = stratified_split([sentence_stratum(s["tags"]) for s in train], [fractions[s] for s in want],
-                                   self.seed)
-            parts = {**parts, "train": [train[i] for i in cut[0]]}
-            for s, idx in zip(want, cut[1:], strict=True):
-                parts[s] = [train[i] for i in idx]
-        rng = np.random.default_rng(self.seed)
-        for s in SPLITS:
-            if not parts[s]:
-                raise DataError(f"data.source={self.source}: the {s} split is empty; use more data or other fractions")
-            parts[s] = [parts[s][i] for i in rng.permutation(len(parts[s]))]
-        return parts
+        return complete_splits(parts, self.source, self.val_fraction, self.test_fraction, self.seed,
+                               lambda train: [sentence_stratum(s["tags"]) for s in train])
 
     def load_or_train_tokenizer(self, train: list[Sentence]) -> Tokenizer:
         if self.given_tokenizer is not None:  # a copy: the framing and truncation below stay ours
