@@ -1,23 +1,32 @@
-"""Training-step throughput of fmlab against a raw PyTorch loop and the Hugging Face Trainer.
+"""Training-step throughput: fmlab as shipped against a minimal reference and the Hugging Face Trainer.
 
-Each workload is composed from conf/ exactly as `python train.py` composes it (model, task, optimizer, data), then
-trained three ways on the same data with the same initial weights, optimizer settings, schedule, gradient
-clipping and precision:
+Each workload is composed from conf/ exactly as `python train.py` composes it (model, task, optimizer, data). The
+runners train the same shape on the same data from the same initial weights, with the same AdamW settings (fused,
+lr, betas, weight decay on matrices), the same warm-up + cosine schedule over the same horizon (TOTAL_STEPS) and
+the same gradient clipping:
 
-- fmlab: the task under a Lightning Trainer with the default callbacks and a CSV logger;
-- raw loop: the identical model and loss in a hand-written loop (the floor fmlab is measured against);
-- HF Trainer: `transformers.Trainer` on the same shape (`GPT2LMHeadModel`, `BertForMaskedLM`); none for MAE.
+- reference: benchmarks/reference.py, a minimal nanoGPT-style model of the workload's shape (fmlab's weights copied
+  in; the losses of one batch are checked equal at the start) in a plain AdamW loop;
+- fmlab: the trainer `train.py` builds (fmlab.runtime.build_trainer from conf/trainer, the callbacks and loggers of
+  conf/callbacks and conf/logger: checkpointing, early stopping, progress bar, throughput, preemption, atomic
+  checkpoint IO, CSV + offline W&B) fitting the task;
+- fmlab-bare: the same trainer without callbacks or loggers;
+- raw: fmlab's model and loss in a hand-written loop;
+- hf: `transformers.Trainer` on `GPT2LMHeadModel` / `BertForMaskedLM` holding our initial weights (mapped by
+  fmlab.interop), with its default fused AdamW and our lr, betas, weight decay, warm-up and cosine floor over the
+  same horizon.
 
-They run interleaved in one process (A-B-C-A-B-C...) after a warm-up chunk, so drift in machine load hits all of
-them alike. Per-step wall times come from the step boundaries each framework reports; the first steps of every
+A runner is `name:precision` (32 or bf16-mixed). They run interleaved in one process (A-B-C-A-B-C...) after a warm-up
+chunk, so drift in machine load hits all alike. Every chunk starts a fresh optimizer and schedule (as a new Trainer
+does) and is stopped after --steps steps, well inside warm-up for every runner alike; the first --drop steps of every
 chunk are left out.
 
-    .venv/bin/python benchmarks/throughput.py --workload gpt --precision bf16-mixed
-    .venv/bin/python benchmarks/throughput.py --workload bert --precision 32 --threads 1
+    .venv/bin/python benchmarks/throughput.py --workload gpt
+    .venv/bin/python benchmarks/throughput.py --workload bert --runners reference:32,fmlab:32,hf:32
     .venv/bin/python benchmarks/throughput.py --workload mae
     .venv/bin/python benchmarks/throughput.py --workload tiny   # micro GPT: fmlab's own overhead in ms/step
 
-Writes experiments/benchmarks/<workload>-<precision>-t<threads>.{json,md}.
+Writes experiments/benchmarks/<workload>-t<threads>.{json,md}.
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ import json
 import os
 import platform
 import shutil
+import sys
 import tempfile
 import time
 import warnings
@@ -39,45 +49,62 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from fmlab.config import compose_train_config
-from fmlab.tasks.base import to_plain
-from fmlab.tasks.masked_lm import mask_tokens
-from fmlab.training import build_datamodule, build_task, run_pretrained
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import reference as ref  # noqa: E402
+
+from fmlab.config import compose_train_config  # noqa: E402
+from fmlab.runtime import build_trainer  # noqa: E402
+from fmlab.tasks.base import to_plain  # noqa: E402
+from fmlab.tasks.masked_lm import mask_tokens  # noqa: E402
+from fmlab.training import build_datamodule, build_task, close_loggers, instantiate_list, run_pretrained  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "experiments" / "benchmarks"
 WORKDIR = Path(tempfile.gettempdir()) / "fmlab-bench"
-TOTAL_STEPS = 10_000  # the schedule's horizon: every chunk stays in its flat early part after warm-up
+TOTAL_STEPS = 10_000  # every runner's schedule horizon (warm-up: the task config's warmup_steps)
+NAMES = {"reference": "reference", "fmlab": "fmlab", "fmlab-bare": "fmlab (bare)", "raw": "raw loop",
+         "hf": "HF Trainer"}
+PRECISIONS = {"32": "fp32", "bf16-mixed": "bf16"}
+
+
+# ---- workloads -----------------------------------------------------------------------------------------------------
+
+def gpt_batch(task: nn.Module, batch: torch.Tensor) -> tuple:
+    return batch[:, :-1], batch[:, 1:]
+
+
+def mlm_batch(task: nn.Module, batch: torch.Tensor, generator: torch.Generator | None = None) -> tuple:
+    t = task.tokens()  # mask id and special-token table of the run's tokenizer
+    ids = batch[:, : task.model.config.block_size]
+    return mask_tokens(ids, t["mask_id"], t["special"], task.model.config.vocab_size, task.mask_prob,
+                       generator=generator)
+
+
+def mae_batch(task: nn.Module, batch: dict) -> tuple:
+    return (batch["pixel_values"],)
+
+
+def fmlab_loss(name: str) -> Callable:
+    """fmlab's own loss of a batch prepared by the workload (the task's model for GPT/BERT, the MAE task itself)."""
+    if name == "mae":
+        return lambda task, px, generator=None: task(px, generator)[0]
+    return lambda task, inputs, targets: task.model(inputs, targets)[1]
 
 
 @dataclass
 class Workload:
-    """A `train.py` command line (as overrides) and how the raw loop computes its loss."""
+    """A `train.py` command line (as overrides), how a batch becomes model inputs, and the twin models."""
 
     overrides: list[str]
-    raw_loss: Callable[[nn.Module, Any], torch.Tensor]
-    hf_model: Callable[[DictConfig, Any], tuple[nn.Module, Dataset, Any]] | None = None
+    batch: Callable  # (fmlab task, loader batch) -> model inputs
+    reference: Callable | None  # fmlab task -> reference model
+    hf_model: Callable | None = None  # (fmlab task, data module) -> (HF model, dataset, collator)
     unit: str = "tokens"
-    competitors: tuple[str, ...] = ("raw loop", "fmlab", "HF Trainer")
-
-
-def gpt_loss(task: nn.Module, batch: torch.Tensor) -> torch.Tensor:
-    return task.model(batch[:, :-1], batch[:, 1:])[1]
-
-
-def mlm_loss(task: nn.Module, batch: torch.Tensor) -> torch.Tensor:
-    t = task.tokens()  # mask id and special-token table of the run's tokenizer
-    ids = batch[:, : task.model.config.block_size]
-    inputs, targets = mask_tokens(ids, t["mask_id"], t["special"], task.model.config.vocab_size, task.mask_prob)
-    return task.model(inputs, targets)[1]
-
-
-def mae_loss(task: nn.Module, batch: dict) -> torch.Tensor:
-    return task(batch["pixel_values"])[0]  # the MAE task module is the model: ViT encoder + decoder
+    runners: tuple[str, ...] = ("reference:32", "fmlab:32", "fmlab:bf16-mixed", "hf:32", "hf:bf16-mixed")
 
 
 class Windows(Dataset):
@@ -94,53 +121,74 @@ class Windows(Dataset):
         return {"input_ids": x, "labels": x} if self.labels else {"input_ids": x}
 
 
-def hf_gpt2(cfg: DictConfig, dm: Any) -> tuple[nn.Module, Dataset, Any]:
+def hf_from_ours(family: str, model: nn.Module, hf_class: Any, config_class: Any) -> nn.Module:
+    """Our model's weights in the Hugging Face class, through fmlab.interop's mapping (export's)."""
+    from fmlab.interop import family_by_model_type
+
+    hf_cfg, state = family_by_model_type(family, "benchmark").to_hf(model, None)
+    fields = {k: v for k, v in hf_cfg.items() if k not in ("model_type", "architectures")}
+    hf = hf_class(config_class(**fields))
+    missing, unexpected = hf.load_state_dict(state, strict=False)
+    tied = {"lm_head.weight", "cls.predictions.decoder.weight", "cls.predictions.decoder.bias"}
+    if set(missing) - tied or unexpected:
+        raise KeyError(f"{hf_class.__name__}: missing {sorted(set(missing) - tied)}, unexpected {sorted(unexpected)}")
+    return hf
+
+
+def hf_gpt2(task: nn.Module, dm: Any) -> tuple[nn.Module, Dataset, Any]:
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    m = cfg.model
-    config = GPT2Config(
-        vocab_size=dm.vocab_size, n_positions=m.block_size, n_embd=m.n_embd, n_layer=m.n_layer, n_head=m.n_head,
-        resid_pdrop=m.dropout, embd_pdrop=m.dropout, attn_pdrop=m.dropout, activation_function="gelu_new",
-    )
-    # GPT2LMHeadModel shifts the labels itself.
-    return GPT2LMHeadModel(config), Windows(dm.train_set, m.block_size, labels=True), None
+    model = hf_from_ours("gpt2", task.model, GPT2LMHeadModel, GPT2Config)
+    # GPT2LMHeadModel shifts the labels itself: the first block_size tokens of each window are inputs and labels.
+    return model, Windows(dm.train_set, task.model.config.block_size, labels=True), None
 
 
-def hf_bert(cfg: DictConfig, dm: Any) -> tuple[nn.Module, Dataset, Any]:
+def hf_bert(task: nn.Module, dm: Any) -> tuple[nn.Module, Dataset, Any]:
     from tokenizers import Tokenizer
     from transformers import BertConfig, BertForMaskedLM, DataCollatorForLanguageModeling, PreTrainedTokenizerFast
 
-    m = cfg.model
-    config = BertConfig(
-        vocab_size=dm.vocab_size, hidden_size=m.n_embd, num_hidden_layers=m.n_layer, num_attention_heads=m.n_head,
-        intermediate_size=4 * m.n_embd, max_position_embeddings=m.block_size, type_vocab_size=m.type_vocab_size,
-        hidden_dropout_prob=m.dropout, attention_probs_dropout_prob=m.attn_dropout, layer_norm_eps=m.norm_eps,
-    )
+    model = hf_from_ours("bert", task.model, BertForMaskedLM, BertConfig)
     tok = PreTrainedTokenizerFast(
         tokenizer_object=Tokenizer.from_str(dm.describe().state["tokenizer"]), mask_token="<mask>", pad_token="<pad>",
         cls_token="<cls>", sep_token="<sep>",
     )
-    collator = DataCollatorForLanguageModeling(tok, mlm_probability=cfg.task.mask_prob)  # the 80/10/10 rule too
-    return BertForMaskedLM(config), Windows(dm.train_set, m.block_size, labels=False), collator
+    collator = DataCollatorForLanguageModeling(tok, mlm_probability=task.mask_prob)  # the 80/10/10 rule too
+    return model, Windows(dm.train_set, task.model.config.block_size, labels=False), collator
+
+
+def gpt_ref(task: nn.Module) -> nn.Module:
+    return ref.from_fmlab_gpt(task.model)
+
+
+def bert_ref(task: nn.Module) -> nn.Module:
+    return ref.from_fmlab_bert(task.model)
 
 
 GPT_SHAPE = ["model.n_layer=6", "model.n_head=6", "model.n_embd=384"]
 WORKLOADS = {
-    # nanoGPT-like: 6 layers, width 384, block 256; batch 8 x 256 tokens.
-    "gpt": Workload(["model=gpt", "stage=pretrain", *GPT_SHAPE, "model.block_size=256", "data.batch_size=8"],
-                    gpt_loss, hf_gpt2),
+    # nanoGPT-like: 6 layers, width 384, block 256, no biases, exact GELU; batch 8 x 256 tokens.
+    "gpt": Workload(["model=gpt", "stage=pretrain", *GPT_SHAPE, "model.block_size=256", "model.bias=false",
+                     "model.activation=gelu", "data.batch_size=8"], gpt_batch, gpt_ref, hf_gpt2),
     # BERT-style post-LN encoder of the same width and depth; batch 16 x 128 tokens, 15 % masked.
     "bert": Workload(["model=bert", "stage=pretrain", *GPT_SHAPE, "model.block_size=128", "data.batch_size=16"],
-                     mlm_loss, hf_bert),
+                     mlm_batch, bert_ref, hf_bert),
     # The label-efficiency experiment's MAE: the default small ViT on Fashion-MNIST, batch 128.
-    "mae": Workload(["model=vit", "stage=pretrain"], mae_loss, unit="images", competitors=("raw loop", "fmlab")),
+    "mae": Workload(["model=vit", "stage=pretrain"], mae_batch, ref.from_fmlab_mae, unit="images",
+                    runners=("reference:32", "fmlab:32", "fmlab:bf16-mixed")),
+    # The shipped defaults as `python train.py model=gpt|bert` runs them: fmlab's precision choice (no twins).
+    "gpt-default": Workload(["model=gpt", "stage=pretrain"], gpt_batch, None,
+                            runners=("fmlab:32", "fmlab:bf16-mixed")),
+    "bert-default": Workload(["model=bert", "stage=pretrain"], mlm_batch, None,
+                             runners=("fmlab:32", "fmlab:bf16-mixed")),
     # Micro model: the step is almost all framework; fmlab with (default) and without callbacks and logger.
     "tiny": Workload(
         ["model=gpt", "stage=pretrain", "model.n_layer=1", "model.n_head=2", "model.n_embd=32", "model.block_size=32",
-         "data.batch_size=8"], gpt_loss, competitors=("raw loop", "fmlab (bare)", "fmlab"),
+         "data.batch_size=8"], gpt_batch, None, runners=("raw:32", "fmlab-bare:32", "fmlab:32"),
     ),
 }
 
+
+# ---- timing --------------------------------------------------------------------------------------------------------
 
 class StepTimer:
     """Wall time between consecutive step ends."""
@@ -158,129 +206,218 @@ class StepTimer:
         self.last = now
 
 
-class LightningTimer(L.Callback):
-    def __init__(self, timer: StepTimer) -> None:
-        self.timer = timer
+class StopAfter(L.Callback):
+    """Times each step and stops the fit after `steps` of them (the schedule keeps its full horizon)."""
+
+    def __init__(self, timer: StepTimer, steps: int) -> None:
+        self.timer, self.steps = timer, steps
 
     def on_train_start(self, trainer, pl_module) -> None:
         self.timer.start()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.timer.step()
+        if len(self.timer.times) >= self.steps:
+            trainer.should_stop = True
 
+
+def autocast(precision: str):
+    return torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16-mixed" else contextlib.nullcontext()
+
+
+# ---- runners -------------------------------------------------------------------------------------------------------
 
 class Fmlab:
-    """The composed task under a Lightning Trainer, with or without the default callbacks and loggers."""
+    """The trainer `train.py` builds from the run's config (callbacks and loggers included), fitting the task."""
 
-    def __init__(self, task: L.LightningModule, dm: Any, cfg: DictConfig, extras: bool) -> None:
-        self.task, self.dm, self.cfg, self.extras = task, dm, cfg, extras
-        self.name = "fmlab" if extras else "fmlab (bare)"
-        self.timer = StepTimer()
+    def __init__(self, task: L.LightningModule, dm: Any, cfg: DictConfig, precision: str, extras: bool) -> None:
+        self.task, self.dm, self.extras = task, dm, extras
+        self.folder = WORKDIR / f"fmlab-{precision}{'' if extras else '-bare'}"
+        self.cfg = cfg.copy()
+        with open_dict(self.cfg):
+            self.cfg.trainer.precision = precision
+            self.cfg.trainer.max_steps = TOTAL_STEPS  # the horizon of the task's schedule; StopAfter ends the chunk
+            self.cfg.trainer.limit_val_batches = 0  # Lightning validates when a fit stops early: not a training step
+            self.cfg.paths.output_dir = str(self.folder)
 
     def run(self, steps: int) -> list[float]:
-        self.timer.times = []
-        callbacks: list = [LightningTimer(self.timer)]
-        loggers: list | bool = False
-        if self.extras:  # what `python train.py` turns on by default, minus W&B's background process
-            from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
-            from lightning.pytorch.loggers import CSVLogger
-
-            shutil.rmtree(WORKDIR / "fmlab", ignore_errors=True)  # each chunk checkpoints; keep only the last
-            callbacks += [RichProgressBar(), ModelCheckpoint(dirpath=WORKDIR / "fmlab" / "ckpt", save_last=True)]
-            loggers = [CSVLogger(WORKDIR / "fmlab", name="csv")]
-        trainer = L.Trainer(
-            accelerator="cpu", devices=1, precision=self.cfg.trainer.precision, max_steps=steps,
-            limit_val_batches=0, gradient_clip_val=self.cfg.trainer.gradient_clip_val, callbacks=callbacks,
-            logger=loggers, enable_checkpointing=self.extras, enable_progress_bar=self.extras,
-            enable_model_summary=False, num_sanity_val_steps=0,
-        )
-        trainer.fit(self.task, datamodule=self.dm)
-        return self.timer.times
+        shutil.rmtree(self.folder, ignore_errors=True)  # each chunk is a fresh run (and checkpoints at its end)
+        self.folder.mkdir(parents=True)
+        timer = StepTimer()
+        callbacks: list = [StopAfter(timer, steps)]
+        loggers: list = []
+        if self.extras:  # as fmlab.training.train builds them
+            callbacks += instantiate_list(self.cfg.get("callbacks"), "callback")
+            loggers = instantiate_list(self.cfg.get("logger"), "logger")
+        trainer = build_trainer(self.cfg, callbacks, loggers)
+        for logger in loggers:
+            logger.log_hyperparams(OmegaConf.to_container(self.cfg, resolve=True))
+        try:
+            trainer.fit(self.task, datamodule=self.dm)
+        finally:
+            close_loggers()
+        return timer.times
 
 
-class RawLoop:
-    """The same model and loss in a hand-written loop over a plain shuffled DataLoader."""
+class Loop:
+    """A plain loop: forward under autocast, backward, clip, fused AdamW step, schedule step, free the gradients."""
 
-    name = "raw loop"
-
-    def __init__(self, task: nn.Module, dm: Any, cfg: DictConfig, loss: Callable) -> None:
-        self.task, self.loss, self.cfg = task, loss, cfg
-        self.opt, self.sched = task.build_optimizer(TOTAL_STEPS)  # the task's own AdamW and schedule
+    def __init__(self, model: nn.Module, loss: Callable, prepare: Callable, dm: Any, cfg: DictConfig,
+                 precision: str, make_optimizer: Callable) -> None:
+        self.model, self.loss, self.prepare, self.precision = model, loss, prepare, precision
+        self.make_optimizer, self.clip = make_optimizer, cfg.trainer.gradient_clip_val
         collate = dm.train_dataloader().collate_fn  # the data module's own batching (images: batched transforms)
         self.loader = DataLoader(dm.train_set, batch_size=dm.batch_size, shuffle=True, drop_last=True,
                                  collate_fn=collate)
+        self.batches = iter(())
+
+    def next_batch(self) -> Any:
+        try:
+            return next(self.batches)
+        except StopIteration:
+            self.batches = iter(self.loader)
+            return next(self.batches)
 
     def run(self, steps: int) -> list[float]:
+        opt, sched = self.make_optimizer()  # a fresh optimizer and schedule, as every other runner's chunk
         timer = StepTimer()
-        autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if self.cfg.trainer.precision == "bf16-mixed"
-                    else contextlib.nullcontext())
-        clip = self.cfg.trainer.gradient_clip_val
         timer.start()
-        batches = iter(self.loader)
-        self.task.train()
+        self.model.train()
         for _ in range(steps):
-            batch = next(batches)
-            with autocast:
-                loss = self.loss(self.task, batch)
+            inputs = self.prepare(self.next_batch())
+            with autocast(self.precision):
+                loss = self.loss(self.model, *inputs)
             loss.backward()
-            if clip:
-                torch.nn.utils.clip_grad_norm_(self.task.parameters(), clip)
-            self.opt.step()
-            self.sched.step()
-            self.opt.zero_grad(set_to_none=True)
+            if self.clip:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
             timer.step()
         return timer.times
 
 
+def optimizer_settings(cfg: DictConfig) -> dict:
+    opt, sched = to_plain(cfg.task.optimizer), to_plain(cfg.task.scheduler)
+    return {"lr": opt["lr"], "betas": opt["betas"], "weight_decay": opt.get("weight_decay", 0.0),
+            "warmup_steps": min(sched.get("warmup_steps") or 1, TOTAL_STEPS), "total_steps": TOTAL_STEPS,
+            "min_lr_ratio": sched.get("min_lr_ratio", 0.1)}
+
+
 class HFTrainer:
-    """`transformers.Trainer` (its defaults, e.g. fused AdamW) on the Hugging Face model of the same shape."""
+    """`transformers.Trainer` with its defaults (fused AdamW, decay on all but biases and norms) on the Hugging Face
+    model holding our initial weights; our lr, betas, weight decay, warm-up and cosine floor over the same horizon
+    (max_steps = TOTAL_STEPS), stopped after the chunk's steps."""
 
-    name = "HF Trainer"
-
-    def __init__(self, cfg: DictConfig, dm: Any, make_model: Callable) -> None:
+    def __init__(self, task: nn.Module, dm: Any, cfg: DictConfig, precision: str, make_model: Callable) -> None:
         from transformers import Trainer, TrainerCallback, TrainingArguments
 
-        torch.manual_seed(0)
-        model, dataset, collator = make_model(cfg, dm)
+        self.model, dataset, collator = make_model(task, dm)
         self.timer = timer = StepTimer()
+        settings = optimizer_settings(cfg)
 
-        class Timing(TrainerCallback):
+        class StopAfterSteps(TrainerCallback):
+            steps = 0
+
             def on_train_begin(self, args, state, control, **kw):
                 timer.start()
 
             def on_step_end(self, args, state, control, **kw):
                 timer.step()
+                control.should_training_stop = state.global_step >= self.steps
 
-        opt, sched = cfg.task.optimizer, cfg.task.scheduler
-        self.make = lambda steps: Trainer(
-            model=model,
-            args=TrainingArguments(
-                output_dir=str(WORKDIR / "hf"), max_steps=steps, per_device_train_batch_size=dm.batch_size,
-                learning_rate=opt.lr, adam_beta1=opt.betas[0], adam_beta2=opt.betas[1],
-                weight_decay=opt.weight_decay, warmup_steps=sched.get("warmup_steps") or 0,
-                lr_scheduler_type="cosine", max_grad_norm=cfg.trainer.gradient_clip_val,
-                bf16=cfg.trainer.precision == "bf16-mixed", use_cpu=True, save_strategy="no", report_to=[],
-                logging_steps=10_000, dataloader_num_workers=0, disable_tqdm=True, seed=0,
-            ),
-            train_dataset=dataset, data_collator=collator, callbacks=[Timing()],
-        )
+        self.stop = StopAfterSteps()
+
+        def make() -> Trainer:
+            args = TrainingArguments(
+                output_dir=str(WORKDIR / "hf"), max_steps=TOTAL_STEPS, per_device_train_batch_size=dm.batch_size,
+                learning_rate=settings["lr"], adam_beta1=settings["betas"][0], adam_beta2=settings["betas"][1],
+                weight_decay=settings["weight_decay"], warmup_steps=settings["warmup_steps"],
+                lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr_rate": settings["min_lr_ratio"]},
+                max_grad_norm=cfg.trainer.gradient_clip_val, bf16=precision == "bf16-mixed", use_cpu=True,
+                save_strategy="no", report_to=[], logging_steps=TOTAL_STEPS, dataloader_num_workers=0,
+                disable_tqdm=True, seed=0,
+            )
+            return Trainer(model=self.model, args=args, train_dataset=dataset, data_collator=collator,
+                           callbacks=[self.stop])
+
+        self.make = make
 
     def run(self, steps: int) -> list[float]:
         self.timer.times = []
-        self.make(steps).train()
+        self.stop.steps = steps
+        trainer = self.make()
+        trainer.train()
+        opt = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # inside accelerate's wrapper
+        self.optim = type(opt).__name__, opt.defaults.get("fused")
         return self.timer.times
 
 
-def summarize(times: list[float], per_step: int) -> dict:
-    ms = np.array(times) * 1000
-    median = float(np.median(ms))
-    return {"steps": len(ms), "median_ms": median, "min_ms": float(ms.min()),
-            "p90_ms": float(np.percentile(ms, 90)), "per_s": per_step / (median / 1000)}
+# ---- the same start: one batch, one loss --------------------------------------------------------------------------
+
+def check_same_start(name: str, workload: Workload, task: nn.Module, dm: Any, reference: nn.Module | None,
+                     hf: nn.Module | None, tolerance: float = 1e-4) -> dict[str, float]:
+    """fp32 losses of fmlab's model, the reference and the HF model on the first training batch (dropout off):
+    equal within `tolerance`, or the benchmark stops."""
+    batch = next(iter(dm.train_dataloader()))
+    generator = torch.Generator().manual_seed(0)
+    loss = fmlab_loss(name)
+    losses = {}
+    was = task.training
+    task.eval()
+    with torch.no_grad():
+        if name == "bert":
+            inputs = mlm_batch(task, batch, generator)
+        else:
+            inputs = workload.batch(task, batch)
+        extra = {"generator": torch.Generator().manual_seed(0)} if name == "mae" else {}
+        losses["fmlab"] = float(loss(task, *inputs, **extra))
+        if reference is not None:
+            reference.eval()
+            extra = {"generator": torch.Generator().manual_seed(0)} if name == "mae" else {}
+            losses["reference"] = float(reference(*inputs, **extra))
+            reference.train()
+        if hf is not None:
+            hf.eval()
+            if name == "gpt":  # HF shifts: it predicts inputs[1:] from inputs[:-1], fmlab the same with the last off
+                x = inputs[0]
+                targets = torch.cat([x[:, 1:], torch.full_like(x[:, :1], -100)], dim=1)
+                losses["fmlab (HF positions)"] = float(task.model(x, targets)[1])
+                losses["HF"] = float(hf(input_ids=x, labels=x).loss)
+            else:
+                losses["HF"] = float(hf(input_ids=inputs[0], labels=inputs[1]).loss)
+            hf.train()
+    task.train(was)
+    for other in ("reference", "HF"):
+        if other not in losses:
+            continue
+        value, base = losses[other], losses.get("fmlab (HF positions)" if other == "HF" else "fmlab", losses["fmlab"])
+        if abs(value - base) > tolerance * max(1.0, abs(base)):
+            raise AssertionError(f"{name}: {other} loss {value} differs from fmlab's {base} on the same weights")
+    return losses
 
 
-def build(workload: Workload, precision: str, batch_size: int | None) -> tuple[DictConfig, Any, list]:
-    """Compose the workload, build its data once and every competitor from the same initial weights."""
-    overrides = [*workload.overrides, f"trainer.precision={precision}", "logger=csv"]
+# ---- build and run -------------------------------------------------------------------------------------------------
+
+def runner_specs(spec: str | None, workload: Workload, no_hf: bool) -> list[tuple[str, str]]:
+    specs = []
+    for item in spec.split(",") if spec else workload.runners:
+        kind, _, precision = item.partition(":")
+        if kind not in NAMES or (precision or "32") not in PRECISIONS:
+            raise SystemExit(f"--runners: {item!r}; runners are {sorted(NAMES)}, precisions {sorted(PRECISIONS)}")
+        if not (no_hf and kind == "hf"):
+            specs.append((kind, precision or "32"))
+    return specs
+
+
+def label(kind: str, precision: str) -> str:
+    return f"{NAMES[kind]} {PRECISIONS[precision]}"
+
+
+def build(name: str, specs: list[tuple[str, str]], batch_size: int | None, logger: str) -> tuple:
+    """Compose the workload, build its data once and every runner from the same initial weights; check the losses."""
+    workload = WORKLOADS[name]
+    overrides = [*workload.overrides, f"logger={logger}"]
     if batch_size:
         overrides.append(f"data.batch_size={batch_size}")
     cfg = compose_train_config(overrides, WORKDIR)
@@ -293,80 +430,126 @@ def build(workload: Workload, precision: str, batch_size: int | None) -> tuple[D
         torch.manual_seed(0)
         return build_task(cfg, dm, pretrained)
 
-    competitors: list = []
-    for name in workload.competitors:
-        if name == "raw loop":
-            competitors.append(RawLoop(task(), dm, cfg, workload.raw_loss))
-        elif name.startswith("fmlab"):
-            competitors.append(Fmlab(task(), dm, cfg, extras=name == "fmlab"))
-        elif workload.hf_model is not None:
-            competitors.append(HFTrainer(cfg, dm, workload.hf_model))
-    return cfg, dm, competitors
+    probe = task()  # the initial weights every runner starts from
+    runners: dict[str, Any] = {}
+    reference = hf = None
+    settings = optimizer_settings(cfg)
+    for kind, precision in specs:
+        key = label(kind, precision)
+        if kind.startswith("fmlab"):
+            runners[key] = Fmlab(task(), dm, cfg, precision, extras=kind == "fmlab")
+        elif kind == "raw":
+            t = task()
+            runners[key] = Loop(t, lambda m, *x: fmlab_loss(name)(m, *x), lambda b, t=t: workload.batch(t, b), dm,
+                                cfg, precision, lambda t=t: t.build_optimizer(TOTAL_STEPS))
+        elif kind == "reference":
+            if workload.reference is None:
+                raise SystemExit(f"--workload {name} has no reference model")
+            model = workload.reference(task())
+            reference = reference or workload.reference(probe)
+            runners[key] = Loop(model, lambda m, *x: m(*x), lambda b: workload.batch(probe, b), dm, cfg,
+                                precision, lambda m=model: ref.reference_optimizer(m, **settings))
+        elif kind == "hf":
+            if workload.hf_model is None:
+                raise SystemExit(f"--workload {name} has no Hugging Face twin")
+            runners[key] = HFTrainer(task(), dm, cfg, precision, workload.hf_model)
+            hf = hf or runners[key].model
+    losses = check_same_start(name, workload, probe, dm, reference, hf) if reference or hf else {}
+    return cfg, dm, runners, losses
+
+
+def summarize(times: list[float], per_step: int) -> dict:
+    ms = np.array(times) * 1000
+    median = float(np.median(ms))
+    return {"steps": len(ms), "median_ms": median, "min_ms": float(ms.min()),
+            "p90_ms": float(np.percentile(ms, 90)), "per_s": per_step / (median / 1000)}
+
+
+def ratios(rows: dict[str, dict]) -> dict[str, float]:
+    """The comparisons the targets are stated in: fmlab against the fp32 reference, the HF Trainer, itself."""
+    out = {}
+    speed = {k: v["per_s"] for k, v in rows.items()}
+    pairs = [("fmlab fp32", "reference fp32"), ("fmlab bf16", "reference fp32"), ("fmlab fp32", "HF Trainer fp32"),
+             ("fmlab bf16", "HF Trainer bf16"), ("fmlab bf16", "fmlab fp32"), ("fmlab fp32", "raw loop fp32"),
+             ("fmlab fp32", "fmlab (bare) fp32")]
+    for a, b in pairs:
+        if a in speed and b in speed:
+            out[f"{a} / {b}"] = speed[a] / speed[b]
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workload", default="gpt", choices=sorted(WORKLOADS))
-    parser.add_argument("--precision", default="bf16-mixed", choices=["32", "bf16-mixed"])
+    parser.add_argument("--runners", default=None, help="comma-separated name:precision; default: the workload's")
     parser.add_argument("--rounds", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=12, help="steps per chunk")
+    parser.add_argument("--steps", type=int, default=10, help="steps per chunk")
     parser.add_argument("--drop", type=int, default=2, help="first steps of each chunk left out")
     parser.add_argument("--batch-size", type=int, default=None, help="default: the workload's")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--logger", default="default", help="fmlab's logger option (default: csv + offline W&B)")
     parser.add_argument("--no-hf", action="store_true")
+    parser.add_argument("--tag", default=None, help="output name; default <workload>-t<threads>")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
     workload = WORKLOADS[args.workload]
-    if args.no_hf:
-        workload.competitors = tuple(c for c in workload.competitors if c != "HF Trainer")
+    specs = runner_specs(args.runners, workload, args.no_hf)
 
     made = time.perf_counter()
-    cfg, dm, competitors = build(workload, args.precision, args.batch_size)
-    first_step, times = {}, {c.name: [] for c in competitors}
-    for c in competitors:  # warm-up chunk; also the time to the first step of a fresh run
+    cfg, dm, runners, losses = build(args.workload, specs, args.batch_size, args.logger)
+    first_step, times, chunks = {}, {name: [] for name in runners}, {name: [] for name in runners}
+    for name, r in runners.items():  # warm-up chunk; also the time to the first step of a fresh run
         start = time.perf_counter()
-        warm = c.run(args.drop + 1)
-        first_step[c.name] = time.perf_counter() - start - sum(warm[1:])
+        warm = r.run(args.drop + 1)
+        first_step[name] = time.perf_counter() - start - sum(warm[1:])
     loads = []
     for _ in range(args.rounds):
-        for c in competitors:
-            times[c.name] += c.run(args.steps)[args.drop :]
+        for name, r in runners.items():
+            timed = r.run(args.steps)[args.drop :]
+            times[name] += timed
+            chunks[name].append(float(np.median(timed)) * 1000)
             os.sync()  # a runner's checkpoint writes are flushed before the next runner's chunk, not during it
             loads.append(os.getloadavg()[0])
 
     block = cfg.model.get("block_size") if workload.unit == "tokens" else 1
     per_step = dm.batch_size * block
     rows = {name: summarize(t, per_step) for name, t in times.items()}
-    raw = rows["raw loop"]["median_ms"]
+    base = rows.get("reference fp32") or next(iter(rows.values()))
+    base_name = next(k for k, v in rows.items() if v is base)
     for name, row in rows.items():
-        row["vs_raw"] = raw / row["median_ms"]
-        row["overhead_ms"] = row["median_ms"] - raw
+        row["vs_" + base_name.replace(" ", "_")] = base["median_ms"] / row["median_ms"]
         row["first_step_s"] = first_step[name]
+        row["chunk_medians_ms"] = [round(t, 1) for t in chunks[name]]  # machine drift shows here, per round
+        row["times_ms"] = [round(t * 1000, 1) for t in times[name]]
     model = {k: v for k, v in to_plain(cfg.model).items() if k != "_target_"}
+    command = f".venv/bin/python {' '.join(['benchmarks/throughput.py', *sys.argv[1:]])}"
     result = {
-        "workload": args.workload, "command": f"train.py {' '.join(workload.overrides)}", "model": model,
-        "optimizer": to_plain(cfg.task.optimizer), "precision": args.precision, "batch_size": dm.batch_size,
-        "unit": workload.unit, "threads": args.threads, "rounds": args.rounds, "steps_per_chunk": args.steps,
-        "dropped_per_chunk": args.drop, "load_average": {"min": min(loads), "max": max(loads)},
+        "workload": args.workload, "command": command, "train_py": f"train.py {' '.join(workload.overrides)}",
+        "model": model, "optimizer": to_plain(cfg.task.optimizer), "scheduler": to_plain(cfg.task.scheduler),
+        "horizon_steps": TOTAL_STEPS, "batch_size": dm.batch_size, "unit": workload.unit, "threads": args.threads,
+        "rounds": args.rounds, "steps_per_chunk": args.steps, "dropped_per_chunk": args.drop,
+        "fmlab_logger": args.logger, "initial_losses": losses, "load_average": {"min": min(loads), "max": max(loads)},
         "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
-        "setup_s": time.perf_counter() - made, "results": rows,
+        "hf_optimizer": next((r.optim for r in runners.values() if hasattr(r, "optim")), None),
+        "setup_s": time.perf_counter() - made, "results": rows, "ratios": ratios(rows),
     }
     OUT.mkdir(parents=True, exist_ok=True)
-    tag = f"{args.workload}-{args.precision}-t{args.threads}"
+    tag = args.tag or f"{args.workload}-t{args.threads}"
     (OUT / f"{tag}.json").write_text(json.dumps(result, indent=2))
     lines = [
-        f"`{result['command']}`, batch {dm.batch_size}, {args.precision}, {args.threads} thread(s), "
-        f"{args.rounds} rounds x {args.steps - args.drop} timed steps, load {min(loads):.2f}-{max(loads):.2f}",
+        f"`{command}`", "",
+        f"`{result['train_py']}`, batch {dm.batch_size}, {args.threads} thread(s), {args.rounds} rounds x "
+        f"{args.steps - args.drop} timed steps, load {min(loads):.2f}-{max(loads):.2f}; initial losses "
+        + ", ".join(f"{k} {v:.5f}" for k, v in losses.items()),
         "",
-        f"| runner | median ms/step | min | p90 | {workload.unit}/s | vs raw loop | overhead ms | first step s |",
-        "|---|---|---|---|---|---|---|---|",
+        f"| runner | median ms/step | min | p90 | {workload.unit}/s | vs {base_name} | first step s |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, r in rows.items():
-        lines.append(
-            f"| {name} | {r['median_ms']:.1f} | {r['min_ms']:.1f} | {r['p90_ms']:.1f} | {r['per_s']:.0f} | "
-            f"{r['vs_raw']:.3f}x | {r['overhead_ms']:+.1f} | {r['first_step_s']:.2f} |"
-        )
+        lines.append(f"| {name} | {r['median_ms']:.1f} | {r['min_ms']:.1f} | {r['p90_ms']:.1f} | {r['per_s']:.0f} | "
+                     f"{base['median_ms'] / r['median_ms']:.3f}x | {r['first_step_s']:.2f} |")
+    lines += ["", *(f"- {k}: {v:.3f}x" for k, v in result["ratios"].items())]
     (OUT / f"{tag}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -41,12 +41,12 @@ def slow_forward():
     handle.remove()
 
 
-@pytest.mark.parametrize("name, runners", [
-    ("tiny", ["raw loop", "fmlab (bare)", "fmlab"]),
-    ("bert", ["raw loop", "fmlab", "HF Trainer"]),
+@pytest.mark.parametrize("name, spec, runners", [
+    ("tiny", None, ["raw loop fp32", "fmlab (bare) fp32", "fmlab fp32"]),
+    ("bert", "reference:32,fmlab:32,hf:32", ["reference fp32", "fmlab fp32", "HF Trainer fp32"]),
 ])
-def test_every_competitor_trains_the_workload(bench, name: str, runners: list[str], tmp_path: Path, monkeypatch,
-                                              one_thread, slow_forward) -> None:
+def test_every_competitor_trains_the_workload(bench, name: str, spec: str | None, runners: list[str], tmp_path: Path,
+                                              monkeypatch, one_thread, slow_forward) -> None:
     """The benchmark's own main() on one round: every runner's step times span its forward pass and fit in the
     wall time of its chunk, and the report has a row for every runner, computed from those times."""
     workload = bench.WORKLOADS[name]
@@ -56,19 +56,20 @@ def test_every_competitor_trains_the_workload(bench, name: str, runners: list[st
     build = bench.build
 
     def build_and_watch(*args):
-        cfg, dm, competitors = build(*args)
-        for competitor in competitors:
-            def run(steps: int, c=competitor, run=competitor.run) -> list[float]:
+        cfg, dm, competitors, losses = build(*args)
+        for label, competitor in competitors.items():
+            def run(steps: int, label=label, run=competitor.run) -> list[float]:
                 start = time.perf_counter()
                 times = run(steps)
-                chunks.setdefault(c.name, []).append((steps, time.perf_counter() - start, list(times)))
+                chunks.setdefault(label, []).append((steps, time.perf_counter() - start, list(times)))
                 return times
             competitor.run = run
-        return cfg, dm, competitors
+        return cfg, dm, competitors, losses
 
     monkeypatch.setattr(bench, "build", build_and_watch)
-    monkeypatch.setattr(sys, "argv", ["throughput.py", "--workload", name, "--precision", "32", "--rounds", "1",
-                                      "--steps", "3", "--drop", "1", "--batch-size", "4", "--threads", "1"])
+    argv = ["--workload", name, "--rounds", "1", "--steps", "3", "--drop", "1", "--batch-size", "4", "--threads", "1",
+            "--logger", "csv", *(["--runners", spec] if spec else [])]
+    monkeypatch.setattr(sys, "argv", ["throughput.py", *argv])
     bench.main()
 
     assert list(chunks) == runners
@@ -76,7 +77,7 @@ def test_every_competitor_trains_the_workload(bench, name: str, runners: list[st
         assert [steps for steps, _, _ in runs] == [2, 3], runner  # the warm-up chunk (drop + 1), then one round
         for steps, wall, times in runs:
             assert len(times) == steps and min(times) >= SLEEP and sum(times) <= wall, (runner, times, wall)
-    result = json.loads((tmp_path / "out" / f"{name}-32-t1.json").read_text())
+    result = json.loads((tmp_path / "out" / f"{name}-t1.json").read_text())
     rows = result["results"]
     assert list(rows) == runners and result["batch_size"] == 4
     for runner, row in rows.items():
@@ -84,8 +85,15 @@ def test_every_competitor_trains_the_workload(bench, name: str, runners: list[st
         assert row["steps"] == 2 and row["min_ms"] == pytest.approx(min(timed)), runner
         assert row["min_ms"] <= row["median_ms"] <= row["p90_ms"] <= max(timed) + 1e-6, runner
         assert row["per_s"] == pytest.approx(4 * 32 / (row["median_ms"] / 1000)), runner
-        assert row["vs_raw"] == pytest.approx(rows["raw loop"]["median_ms"] / row["median_ms"]), runner
+        base = runners[0]
+        key = "vs_" + base.replace(" ", "_")
+        assert row[key] == pytest.approx(rows[base]["median_ms"] / row["median_ms"]), runner
         assert row["first_step_s"] >= SLEEP, runner
-    assert rows["raw loop"]["vs_raw"] == 1.0
-    table = (tmp_path / "out" / f"{name}-32-t1.md").read_text()
+    assert rows[runners[0]]["vs_" + runners[0].replace(" ", "_")] == 1.0
+    if name == "bert":  # the three started from the same weights: one batch, the same loss
+        losses = result["initial_losses"]
+        assert losses["reference"] == pytest.approx(losses["fmlab"], rel=1e-4)
+        assert losses["HF"] == pytest.approx(losses["fmlab"], rel=1e-4)
+        assert "fmlab fp32 / HF Trainer fp32" in result["ratios"]
+    table = (tmp_path / "out" / f"{name}-t1.md").read_text()
     assert all(f"| {runner} |" in table for runner in runners)

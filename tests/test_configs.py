@@ -82,6 +82,18 @@ def test_an_objective_can_be_chosen_directly(tmp_path: Path) -> None:
     assert cfg.task._target_ == "fmlab.tasks.classification.ClassificationTask" and cfg.task.layer_decay is None
 
 
+@pytest.mark.parametrize(("overrides", "precision"), [
+    (["model=gpt"], "bf16-mixed"), (["model=bert"], "bf16-mixed"), (["model=t5"], "bf16-mixed"),
+    (["model=vit"], "32"), (["model=vit", "trainer=cpu"], "32"),  # the small ViT measured faster in fp32 on a CPU
+    (["model=vit", "trainer.accelerator=gpu"], "bf16-mixed"), (["model=vit", "trainer=gpu"], "bf16-mixed"),
+    (["model=vit", "trainer.precision=bf16-mixed"], "bf16-mixed"),
+])
+def test_cpu_precision_follows_the_model_family_on_a_cpu_only(overrides: list[str], precision: str,
+                                                              tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    assert compose_config(overrides, tmp_path).trainer.precision == precision
+
+
 def test_default_is_gpt_pretraining_on_bbc_news(tmp_path: Path) -> None:
     cfg = compose_config([], tmp_path)
     assert cfg.task._target_ == "fmlab.tasks.causal_lm.CausalLMTask"

@@ -60,7 +60,18 @@ def pair_template(pooling: str) -> str:
     return "$A <sep> $B <|endoftext|>" if pooling == "last" else "<cls> $A <sep> $B:1 <sep>:1"
 
 
+def cpu_precision(on_cpu: str, accelerator: str) -> str:
+    """A model family's CPU precision (`cpu_precision`, conf/trainer/cpu_precision/) where the run is on a CPU;
+    bf16-mixed on an accelerator."""
+    if accelerator == "cpu":
+        return on_cpu
+    import torch
+
+    return on_cpu if accelerator == "auto" and not torch.cuda.is_available() else "bf16-mixed"
+
+
 RESOLVERS = {
+    "fmlab.cpu_precision": cpu_precision,
     "fmlab.wandb_offline": wandb_offline,
     "fmlab.sweep_group": sweep_group,
     "fmlab.preset": preset_value,
