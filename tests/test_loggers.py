@@ -3,6 +3,7 @@ W&B run while sweep jobs each get their own."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -24,9 +25,20 @@ def test_wandb_runs_offline_with_the_resolved_config(make_config, corpus_dir: Pa
     train(cfg)
     runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1, "one offline W&B run in the run folder"
-    record = next(runs[0].glob("run-*.wandb")).read_bytes()  # the offline run's log, synced by `wandb sync`
+    record = offline_record(runs[0])
     assert b"n_embd" in record and str(corpus_dir).encode() in record  # the resolved config, not interpolations
     assert (tmp_path / "run" / "csv" / "metrics.csv").is_file()
+
+
+def offline_record(run: Path, wait_s: float = 60.0) -> bytes:
+    """An offline run's log (what `wandb sync` uploads). wandb's service process writes it; under load its records
+    may land a moment after `wandb.finish()` returns, so wait for them (the file starts with a 7-byte header)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        record = next(run.glob("run-*.wandb")).read_bytes()
+        if b"n_embd" in record or time.monotonic() > deadline:
+            return record
+        time.sleep(0.5)
 
 
 def test_wandb_mode_online_switches_offline_off(make_config, monkeypatch) -> None:
