@@ -113,8 +113,13 @@ TINY = ["model.n_layer=1", "model.n_head=2", "model.n_embd=32", "model.block_siz
 DATA_DECIDES = {"vocab_size": 300, "in_chans": 1, "img_size": 8}  # what describe() would fill in
 
 
+CNN_FAMILIES = ("resnet", "efficientnet")  # sizes are architectures: nothing to shrink
+
+
 def tiny_overrides(pair: str) -> list[str]:
     """TINY without the fields the family lacks (text models have no patches, ViT has no block size)."""
+    if pair.startswith(CNN_FAMILIES):
+        return []
     absent = "block_size" if pair.startswith("vit_") else "patch_size"
     return [o for o in TINY if absent not in o]
 
@@ -136,4 +141,7 @@ def test_every_pair_instantiates_its_data_module_task_and_model(pair: str, tmp_p
     task_class = hydra.utils.get_class(cfg.task._target_)
     extra = {"num_labels": 3} if "num_labels" in inspect.signature(task_class).parameters else {}
     task = hydra.utils.instantiate(cfg.task, model=node, **extra, _recursive_=False)
-    assert task.model.width == 32 and task.model.num_layers == 1
+    if pair.startswith(CNN_FAMILIES):
+        assert task.model.width > 0 and task.model.num_layers >= 4  # stages
+    else:
+        assert task.model.width == 32 and task.model.num_layers == 1

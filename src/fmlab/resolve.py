@@ -137,8 +137,27 @@ class Pretrained:
 
 def from_checkpoint(path: Path, source: str, option: str) -> Pretrained:
     ckpt = read_checkpoint(path, option)
+    if is_plain_state_dict(ckpt):
+        return from_plain_state_dict(ckpt, source, option)
     node = model_node(ckpt, f"{option}={source}")
     return Pretrained(source, node, model_state(ckpt), (ckpt.get("fmlab") or {}).get("tokenizer"))
+
+
+def is_plain_state_dict(ckpt: Any) -> bool:
+    """A bare {name: tensor} file (another project's weights), not a Lightning checkpoint."""
+    return isinstance(ckpt, dict) and "state_dict" not in ckpt and all(torch.is_tensor(v) for v in ckpt.values())
+
+
+def from_plain_state_dict(state: dict[str, torch.Tensor], source: str, option: str) -> Pretrained:
+    from fmlab.interop import layout_of
+
+    layout = layout_of(state, f"{option}={source}")
+    try:
+        node, weights = layout.from_state(state)
+    except ValueError as err:
+        raise PretrainedError(f"{option}={source}: {err}") from err
+    log.info("%s: %s weights (%s)", source, layout.LAYOUT, node.get("size"))
+    return Pretrained(source, node, weights, None)
 
 
 def hf_weights(folder: Path, source: str, option: str) -> dict[str, torch.Tensor]:
@@ -170,7 +189,8 @@ def from_hf_folder(folder: Path, source: str, option: str) -> Pretrained:
         hf_config = json.loads((folder / "config.json").read_text())
     except (OSError, ValueError) as err:
         raise PretrainedError(f"{option}={source}: {folder / 'config.json'} is not valid JSON ({err})") from err
-    family = family_by_model_type(hf_config.get("model_type"), f"{option}={source}")
+    model_type = hf_config.get("model_type") or ("timm" if "architecture" in hf_config else None)  # timm's folders
+    family = family_by_model_type(model_type, f"{option}={source}")
     try:
         node, state = family.from_hf(hf_config, hf_weights(folder, source, option))
     except ValueError as err:

@@ -23,7 +23,7 @@ from fmlab.data.base import CachedDataModule, DataInfo
 from fmlab.data.image_sources import ImageSplits, read_image_source
 from fmlab.data.sampling import VAL_LABELS, few_label_indices, few_label_val_indices, stratified_split
 from fmlab.data.sources import DataError, Preset, find_preset, fingerprint
-from fmlab.errors import check_choice
+from fmlab.errors import check_choice, check_count
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,10 @@ def _as_is(batch: dict) -> dict:
 
 
 class ImageBatches(Dataset):
-    """Batches from in-memory uint8 images: the loader hands `__getitems__` a list of indices."""
+    """Batches from in-memory uint8 images: the loader hands `__getitems__` a list of indices. With `views > 1`
+    (joint-embedding pre-training) each image is augmented that many times, independently: `views` (B, V, C, H, W)
+    replaces `pixel_values`; `fixed_seed` draws the same augmentations for the same batch every time (validation).
+    """
 
     def __init__(
         self,
@@ -57,8 +60,11 @@ class ImageBatches(Dataset):
         std: list[float],
         size: tuple[int, int],
         transform: v2.Transform | None = None,
+        views: int = 1,
+        fixed_seed: int | None = None,
     ) -> None:
         self.images, self.labels, self.size, self.transform = images, labels, tuple(size), transform
+        self.views, self.fixed_seed = views, fixed_seed
         self.mean = torch.tensor(mean).view(1, -1, 1, 1)
         self.std = torch.tensor(std).view(1, -1, 1, 1)
 
@@ -67,15 +73,25 @@ class ImageBatches(Dataset):
 
     def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:
         index = torch.as_tensor(indices)
-        x = self.images[index]
-        if self.transform is not None:  # per-image random parameters
-            x = torch.stack([self.transform(image) for image in x])
-        if tuple(x.shape[2:]) != self.size:  # the model's resolution, one resize for the whole batch
-            x = v2.functional.resize(x, list(self.size), antialias=True)
-        batch = {"pixel_values": (x.float() / 255 - self.mean) / self.std}
+        images = self.images[index]
+        if self.views > 1:
+            with torch.random.fork_rng(devices=[], enabled=self.fixed_seed is not None):
+                if self.fixed_seed is not None:
+                    torch.manual_seed(self.fixed_seed + int(index[0]))
+                batch = {"views": torch.stack([self.pixels(images) for _ in range(self.views)], dim=1)}
+        else:
+            batch = {"pixel_values": self.pixels(images)}
         if self.labels is not None:
             batch["labels"] = self.labels[index]
         return batch
+
+    def pixels(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 images -> augmented (per-image random parameters), resized, normalised float pixels."""
+        if self.transform is not None:
+            x = torch.stack([self.transform(image) for image in x])
+        if tuple(x.shape[2:]) != self.size:  # the model's resolution, one resize for the whole batch
+            x = v2.functional.resize(x, list(self.size), antialias=True)
+        return (x.float() / 255 - self.mean) / self.std
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         return {k: v[0] for k, v in self.__getitems__([i]).items()}
@@ -117,6 +133,7 @@ class ImageDataModule(CachedDataModule):
         in_chans: int | None = None,
         channels: int | None = None,
         augment: dict | None = None,
+        views: int = 1,
         mean: list[float] | None = None,
         std: list[float] | None = None,
         skip_bad_files: bool = False,
@@ -137,6 +154,10 @@ class ImageDataModule(CachedDataModule):
         )
         self.model_in_chans, self.channels = in_chans, channels
         self.augment = dict(OmegaConf.to_container(augment) if OmegaConf.is_config(augment) else augment or {})
+        check_count("data.views", views)
+        if views > 1 and labeled:
+            raise DataError(f"data.views={views}: several augmented views are for pre-training; fine-tuning takes 1")
+        self.views = views
         self.mean, self.std = (list(mean) if mean else None), (list(std) if std else None)
         self.skip_bad_files = skip_bad_files
         self.eval_batch_size = eval_batch_size or batch_size
@@ -255,7 +276,8 @@ class ImageDataModule(CachedDataModule):
         size = self.img_size or tuple(images.shape[2:])
         augment = self.build_augment(size)
         train_labels = labels[train_idx] if self.labeled else None
-        self.train_set = ImageBatches(images[train_idx], train_labels, self.mean, self.std, size, augment)
+        self.train_set = ImageBatches(images[train_idx], train_labels, self.mean, self.std, size, augment, self.views)
+        self.probe_images = (images[train_idx], labels[train_idx], val_images, val_labels)
         test_images, test_labels = splits.get("test", (None, None))
         if test_images is None:  # the whole validation split, before a few-label draw
             log.info("%s has no test split; testing on the validation split", self.source)
@@ -269,11 +291,30 @@ class ImageDataModule(CachedDataModule):
                 log.info("Validating on %d of %d labeled images (data.val_labels=%s)", len(keep_val),
                          len(val_labels), self.val_labels)
                 val_images, val_labels = val_images[keep_val], val_labels[keep_val]
-        self.val_set = ImageBatches(val_images, val_labels if self.labeled else None, self.mean, self.std, size)
+        if self.views > 1:  # joint-embedding validation: augmented views, the same ones at every validation
+            self.val_set = ImageBatches(val_images, None, self.mean, self.std, size, augment, self.views, self.seed)
+        else:
+            self.val_set = ImageBatches(val_images, val_labels if self.labeled else None, self.mean, self.std, size)
         if test_images is val_images:
             self.test_set = self.val_set
         else:
             self.test_set = ImageBatches(test_images, test_labels if self.labeled else None, self.mean, self.std, size)
+
+    def probe_sets(self, max_train: int, max_val: int) -> tuple[ImageBatches, ImageBatches] | None:
+        """Labeled, unaugmented (train, validation) images for an online probe of a representation: a stratified
+        sample of at most `max_train` / `max_val` of each split (seeded); None when the source has no labels."""
+        self.setup()
+        train_images, train_labels, val_images, val_labels = self.probe_images
+        if not self.label_names or bool((train_labels < 0).any()) or bool((val_labels < 0).any()):
+            return None
+
+        def sample(images: torch.Tensor, labels: torch.Tensor, n: int) -> ImageBatches:
+            if n < len(labels):
+                keep = few_label_indices(labels.numpy(), n / len(labels), None, self.seed)
+                images, labels = images[keep], labels[keep]
+            return ImageBatches(images, labels, self.mean, self.std, self.train_set.size)
+
+        return sample(train_images, train_labels, max_train), sample(val_images, val_labels, max_val)
 
     def label_summary(self, labels: torch.Tensor) -> str:
         counts = torch.bincount(labels, minlength=len(self.label_names)).tolist()

@@ -4,7 +4,8 @@ configs to the `transformers` layout and back; `export` writes a checkpoint as a
 `FAMILIES` is the one registry that import (`fmlab.resolve`) and export both use. A family module defines
 `MODEL_TYPE` (Hugging Face's `model_type`), `CONFIG_TARGET` (our config class), `TWIN_POOLING` (what Hugging
 Face's classifier of the family reads), `from_hf(hf_config, state)` and `to_hf(model, head)`; a new family adds one
-line here. A head without a Hugging Face class is exported for `hf_modeling` (model_type `fmlab_<model_type>`).
+line here. A head without a Hugging Face class is exported for `hf_modeling` (model_type `fmlab_<model_type>`). A family
+with its own folder layout (`timm_cnn`) defines `export_folder` instead of `to_hf`.
 """
 
 from __future__ import annotations
@@ -19,7 +20,24 @@ FAMILIES: dict[str, str] = {  # Hugging Face model_type -> our module for it (im
     "bert": "fmlab.interop.hf_bert",
     "vit": "fmlab.interop.hf_vit",
     "t5": "fmlab.interop.hf_t5",
+    "timm": "fmlab.interop.timm_cnn",  # CNN backbones: timm's own folder layout (config.json names an architecture)
 }
+
+
+# Plain state dicts of other projects' layouts (no config beside them): module with `LAYOUT`, `matches(state)` and
+# `from_state(state) -> (our model config node, our state dict)`.
+STATE_DICT_LAYOUTS: tuple[str, ...] = ("fmlab.interop.efficientnet_pytorch",)
+
+
+def layout_of(state: dict, where: str) -> ModuleType:
+    """The module that reads a plain state dict of another project's layout."""
+    for name in STATE_DICT_LAYOUTS:
+        module = importlib.import_module(name)
+        if module.matches(state):
+            return module
+    known = [importlib.import_module(n).LAYOUT for n in STATE_DICT_LAYOUTS]
+    raise UserError(f"{where}: a plain state dict of no layout fmlab reads (not an fmlab checkpoint); known "
+                    f"layouts: {known}")
 
 
 def family_by_model_type(model_type: str | None, where: str) -> ModuleType:

@@ -116,6 +116,10 @@ def export_task(task: nn.Module, out_dir: str | Path) -> list[str]:
     task = task.eval()
     merge_lora(task.model)
     head = classifier_of(task)
+    if hasattr(family, "export_folder"):  # a family with its own folder layout (timm's, for CNNs)
+        names = task.label_names() if head is not None and hasattr(task, "label_names") else None
+        normalization = dict(getattr(task, "extra_state", {}) or {}).get("normalization") or {}
+        return family.export_folder(task, head, names, normalization, str(out_dir))
     dense = per_position_head(task, family)  # before anything is written: an unsupported family fails here
     hf_config, state = family.to_hf(task.model, head)
     if dense is not None:  # the backbone as its family writes it, and the head's linear layer under its HF name
@@ -180,7 +184,8 @@ def export(cfg: DictConfig) -> Path:
     ckpt = Path(cfg.ckpt_path)
     out = Path(cfg.out_dir) if cfg.get("out_dir") else ckpt.resolve().parent.parent / "hf"
     notes = export_checkpoint(ckpt, out)
-    architecture = json.loads((out / "config.json").read_text())["architectures"][0]
+    config = json.loads((out / "config.json").read_text())
+    architecture = config["architectures"][0] if "architectures" in config else config["architecture"]
     rank_zero_print(f"Exported {ckpt} as {architecture} to {out}")
     for note in notes:
         rank_zero_print(f"Note: {note}")

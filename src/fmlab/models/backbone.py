@@ -80,6 +80,11 @@ class Backbone(nn.Module):
             if getattr(self, name, None) is not None:
                 setattr(self, name, None)
 
+    def adapted_on_load(self) -> set[str]:
+        """State-dict keys the model converts itself while loading (a load-state-dict pre-hook), so their shapes
+        may differ from the source's: the position tables, a CNN's stem at another channel count."""
+        return set(self.position_tables)
+
     def tokens_per_sample(self) -> int | None:
         """Tokens one training sample holds (text), or None."""
         return None

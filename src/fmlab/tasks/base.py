@@ -153,6 +153,11 @@ class Task(L.LightningModule):
             return
         super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
+    def log_loss_and_ppl(self, split: str, loss: torch.Tensor, prog_bar_ppl: bool = True) -> None:
+        """`<split>/loss` and its perplexity `<split>/ppl` (exp of a mean token cross-entropy, capped at e^50)."""
+        self.log(f"{split}/loss", loss, prog_bar=True)
+        self.log(f"{split}/ppl", math.exp(min(loss.item(), 50.0)), prog_bar=prog_bar_ppl)
+
     def log_lr(self) -> None:
         self.log("lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False)
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torchmetrics import MeanMetric
 
@@ -43,5 +41,4 @@ class CausalLMTask(Task):
     def log_eval_loss(self, split: str) -> None:
         loss = self.val_loss.compute()  # synced across ranks by torchmetrics
         self.val_loss.reset()
-        self.log(f"{split}/loss", loss, prog_bar=True)
-        self.log(f"{split}/ppl", math.exp(min(loss.item(), 50.0)), prog_bar=True)
+        self.log_loss_and_ppl(split, loss)

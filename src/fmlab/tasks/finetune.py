@@ -58,7 +58,13 @@ class FinetuneTask(Task):
         self.model.strip_pretraining_heads()
         if finetune_mode == "linear_probe":
             self.model.requires_grad_(False)
+            # eval from the start: Lightning's loops restore each submodule's captured mode directly, without
+            # calling `train()`, so a backbone left in train mode here would update its BatchNorm statistics
+            self.model.eval()
         elif finetune_mode == "lora":
+            if not lora["targets"]:
+                raise UserError(f"task.finetune_mode=lora: {type(self.model).__name__} has no linear layers LoRA "
+                                "adapts; use task.finetune_mode=full or linear_probe")
             adapted = add_lora(self.model, lora["r"], lora["alpha"], lora["dropout"], tuple(lora["targets"]))
             log.info("LoRA (r=%d) on %d linear layers", lora["r"], len(adapted))
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer
@@ -187,8 +185,7 @@ class MaskedLMTask(Task):
 
     def log_eval(self, split: str) -> None:
         loss = self.val_loss.compute()
-        self.log(f"{split}/loss", loss, prog_bar=True)
-        self.log(f"{split}/ppl", math.exp(min(loss.item(), 50.0)), prog_bar=True)
+        self.log_loss_and_ppl(split, loss)
         self.log(f"{split}/mlm_acc", self.val_acc.compute())
         if self.nsp:
             self.log(f"{split}/nsp_acc", self.val_nsp_acc.compute())

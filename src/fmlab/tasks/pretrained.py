@@ -13,6 +13,7 @@ import logging
 
 from torch import nn
 
+from fmlab.models.backbone import config_class
 from fmlab.models.lora import LORA_PARAMS
 from fmlab.resolve import Pretrained, PretrainedError
 
@@ -20,7 +21,8 @@ log = logging.getLogger(__name__)
 
 # What a run may change without changing the architecture.
 RUN_FIELDS = ("dropout", "attn_dropout", "drop_path")
-# What the data may change: the image resolution (a ViT interpolates its position table, see `position_tables`).
+# What the data may change: the image resolution (a ViT interpolates its position table, see `position_tables`);
+# a config class lists its own in `data_fields` (a CNN also adapts its stem to the channel count).
 RESOLUTION_FIELDS = ("img_size",)
 # Why a data-decided field can disagree with the source, and what to do.
 MISMATCH_HINTS = {
@@ -41,7 +43,8 @@ def backbone_config(pretrained: Pretrained, run_model: dict, data_fields: dict) 
     cfg.update({k: run_model[k] for k in RUN_FIELDS if k in run_model})
     if "pooling" not in cfg and "pooling" in run_model:
         cfg["pooling"] = run_model["pooling"]
-    cfg.update({k: data_fields[k] for k in RESOLUTION_FIELDS if k in data_fields})
+    decided = getattr(config_class(pretrained.family), "data_fields", RESOLUTION_FIELDS)
+    cfg.update({k: data_fields[k] for k in decided if k in data_fields})
     for key, value in data_fields.items():
         if key == "vocab_size" and key in cfg and value < cfg[key]:
             continue  # an embedding padded past the tokenizer, as T5's 32,128 rows for 32,100 pieces
@@ -71,7 +74,7 @@ def load_backbone(model: nn.Module, pretrained: Pretrained) -> None:
             f"pretrained={pretrained.source} does not fit {type(model).__name__}: "
             f"missing keys {missing or 'none'}; unexpected keys {unexpected or 'none'}"
         )
-    resizable = set(getattr(model, "position_tables", ()))  # the model resizes these itself while loading
+    resizable = model.adapted_on_load() if hasattr(model, "adapted_on_load") else set()  # converted while loading
     wrong = [
         f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}"
         for k, v in state.items() if v.shape != own[k].shape and k not in resizable

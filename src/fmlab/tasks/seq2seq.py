@@ -10,8 +10,6 @@ adapts both stacks' projections.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer
@@ -166,8 +164,7 @@ class Seq2seqTask(FinetuneTask):
 
     def log_eval(self, split: str) -> None:
         loss = self.loss_meters[split].compute()
-        self.log(f"{split}/loss", loss, prog_bar=True)
-        self.log(f"{split}/ppl", math.exp(min(loss.item(), 50.0)))
+        self.log_loss_and_ppl(split, loss, prog_bar_ppl=False)
         if self.generated[split]:
             self.log_dict(self.metrics[f"{split}_metrics"].compute(), prog_bar=True)
         self.metrics[f"{split}_metrics"].reset()

@@ -7,8 +7,6 @@ with a dropped span, so `<s0> span0 <s1> span1 ... <s_n-1> span_n-1 EOS` are the
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer
@@ -152,8 +150,7 @@ class SpanCorruptionTask(Task):
 
     def log_eval(self, split: str) -> None:
         loss = self.val_loss.compute()
-        self.log(f"{split}/loss", loss, prog_bar=True)
-        self.log(f"{split}/ppl", math.exp(min(loss.item(), 50.0)), prog_bar=True)
+        self.log_loss_and_ppl(split, loss)
         self.log(f"{split}/acc", self.val_acc.compute())
 
     def flops_per_sample(self) -> float:
