@@ -62,3 +62,26 @@ def write_image_folder(folder: Path, n_per_class: int = 40, size: int = 28, rgb:
         (folder / f"class{label}").mkdir(parents=True, exist_ok=True)
         Image.fromarray(image).convert("RGB" if rgb else "L").save(folder / f"class{label}" / f"{i:03d}.png")
     return folder
+
+
+def write_mask_folder(folder: Path, n: int = 48, size: int = 32, seed: int = 0) -> Path:
+    """`folder/images/<i>.png` (RGB) with `folder/masks/<i>.png`: a light background with one square (class 1) or
+    one disc (class 2) in a random colour and place; the mask marks its pixels, `classes.txt` names the classes."""
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed)
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    (folder / "masks").mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        cls, r = 1 + i % 2, int(rng.integers(size // 6, size // 3))
+        cy, cx = (int(v) for v in rng.integers(r, size - r, 2))
+        image = Image.new("RGB", (size, size), tuple(int(v) for v in rng.integers(200, 256, 3)))
+        mask = Image.new("L", (size, size), 0)
+        box = (cx - r, cy - r, cx + r, cy + r)
+        colour = tuple(int(v) for v in rng.integers(0, 120, 3))
+        for canvas, fill in ((ImageDraw.Draw(image), colour), (ImageDraw.Draw(mask), cls)):
+            (canvas.rectangle if cls == 1 else canvas.ellipse)(box, fill=fill)
+        image.save(folder / "images" / f"{i:03d}.png")
+        mask.save(folder / "masks" / f"{i:03d}.png")
+    (folder / "classes.txt").write_text("background\nsquare\ndisc\n")
+    return folder

@@ -35,10 +35,13 @@ IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f
 
 @dataclass
 class ImageSplits:
-    """Decoded splits: name -> (images (N, C, H, W) uint8, labels (N,) int64; -1 where unlabeled)."""
+    """Decoded splits: name -> (images (N, C, H, W) uint8, labels (N,) int64; -1 where unlabeled); for
+    segmentation also name -> masks (N, H, W) uint8 of class ids (fmlab/data/image_masks.py) and their names."""
 
     splits: dict[str, tuple[torch.Tensor, torch.Tensor]]
     label_names: list[str] = field(default_factory=list)
+    masks: dict[str, torch.Tensor] = field(default_factory=dict)
+    mask_names: list[str] = field(default_factory=list)
 
 
 def read_idx(path: Path) -> np.ndarray:

@@ -17,9 +17,11 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, Dataset
+from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from fmlab.data.base import CachedDataModule, DataInfo
+from fmlab.data.image_masks import is_mask_folder, read_mask_folder
 from fmlab.data.image_sources import ImageSplits, read_image_source
 from fmlab.data.sampling import VAL_LABELS, few_label_indices, few_label_val_indices, stratified_split
 from fmlab.data.sources import DataError, Preset, find_preset, fingerprint
@@ -50,6 +52,8 @@ class ImageBatches(Dataset):
     """Batches from in-memory uint8 images: the loader hands `__getitems__` a list of indices. With `views > 1`
     (joint-embedding pre-training) each image is augmented that many times, independently: `views` (B, V, C, H, W)
     replaces `pixel_values`; `fixed_seed` draws the same augmentations for the same batch every time (validation).
+    With `masks` (N, H, W) uint8 (segmentation) each image's mask takes the same geometric augmentation (nearest
+    neighbour) and comes out as `masks` (B, H, W) int64.
     """
 
     def __init__(
@@ -62,8 +66,10 @@ class ImageBatches(Dataset):
         transform: v2.Transform | None = None,
         views: int = 1,
         fixed_seed: int | None = None,
+        masks: torch.Tensor | None = None,
     ) -> None:
         self.images, self.labels, self.size, self.transform = images, labels, tuple(size), transform
+        self.masks = masks
         self.views, self.fixed_seed = views, fixed_seed
         self.mean = torch.tensor(mean).view(1, -1, 1, 1)
         self.std = torch.tensor(std).view(1, -1, 1, 1)
@@ -79,6 +85,9 @@ class ImageBatches(Dataset):
                 if self.fixed_seed is not None:
                     torch.manual_seed(self.fixed_seed + int(index[0]))
                 batch = {"views": torch.stack([self.pixels(images) for _ in range(self.views)], dim=1)}
+        elif self.masks is not None:
+            batch = dict(zip(("pixel_values", "masks"), self.pixels_and_masks(images, self.masks[index]),
+                             strict=True))
         else:
             batch = {"pixel_values": self.pixels(images)}
         if self.labels is not None:
@@ -91,7 +100,22 @@ class ImageBatches(Dataset):
             x = torch.stack([self.transform(image) for image in x])
         if tuple(x.shape[2:]) != self.size:  # the model's resolution, one resize for the whole batch
             x = v2.functional.resize(x, list(self.size), antialias=True)
+        return self.normalize(x)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
         return (x.float() / 255 - self.mean) / self.std
+
+    def pixels_and_masks(self, x: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 images and their masks -> the same augmentation on both (masks nearest-neighbour), resized."""
+        masks = masks[:, None]
+        if self.transform is not None:  # typed per image: v2 passes a plain tensor after the first through as is
+            pairs = [self.transform(tv_tensors.Image(image), tv_tensors.Mask(mask))
+                     for image, mask in zip(x, masks, strict=True)]
+            x, masks = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+        if tuple(x.shape[2:]) != self.size:
+            x = v2.functional.resize(x, list(self.size), antialias=True)
+            masks = v2.functional.resize(tv_tensors.Mask(masks), list(self.size))  # a Mask resizes nearest
+        return self.normalize(x.as_subclass(torch.Tensor)), masks.as_subclass(torch.Tensor)[:, 0].long()
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         return {k: v[0] for k, v in self.__getitems__([i]).items()}
@@ -106,7 +130,8 @@ def _load_cached(path: str) -> tuple[dict, dict[str, tuple[torch.Tensor, torch.T
     def load(name: str) -> torch.Tensor:
         return torch.from_numpy(np.load(folder / f"{name}.npy"))
 
-    splits = {s: (load(f"{s}_images"), load(f"{s}_labels")) for s in meta["splits"]}
+    splits = {s: (load(f"{s}_images"), load(f"{s}_labels"),
+                  load(f"{s}_masks") if s in meta.get("masks", ()) else None) for s in meta["splits"]}
     return meta, splits
 
 
@@ -115,10 +140,12 @@ class ImageDataModule(CachedDataModule):
 
     `source` is a preset (`fashion_mnist`), a class-per-subfolder tree or an HF dataset saved to disk. The
     official training split is split (stratified, seeded) into train and validation; `test` is the official test
-    split (the validation split where the source has none).
+    split (the validation split where the source has none). `masks=true` serves each image's class mask as well
+    (semantic segmentation): from a source with masks, `easy_vqa` or an images/ + masks/ folder pair.
     """
 
     cache_title = "image"
+    cache_version = 2  # 2: masks beside images (segmentation sources)
 
     def __init__(
         self,
@@ -134,6 +161,7 @@ class ImageDataModule(CachedDataModule):
         channels: int | None = None,
         augment: dict | None = None,
         views: int = 1,
+        masks: bool = False,
         mean: list[float] | None = None,
         std: list[float] | None = None,
         skip_bad_files: bool = False,
@@ -158,6 +186,10 @@ class ImageDataModule(CachedDataModule):
         if views > 1 and labeled:
             raise DataError(f"data.views={views}: several augmented views are for pre-training; fine-tuning takes 1")
         self.views = views
+        if masks and views > 1:
+            raise DataError(f"data.views={views}: several views are for joint-embedding pre-training, not masks")
+        self.masks = masks
+        self.mask_names: list[str] = []
         self.mean, self.std = (list(mean) if mean else None), (list(std) if std else None)
         self.skip_bad_files = skip_bad_files
         self.eval_batch_size = eval_batch_size or batch_size
@@ -193,6 +225,9 @@ class ImageDataModule(CachedDataModule):
     def read_source(self) -> ImageSplits:
         if self.preset:
             return self.preset.read(**self.preset_options)
+        root = Path(self.source).expanduser()
+        if root.is_dir() and is_mask_folder(root):
+            return read_mask_folder(root, self.channels, self.img_size)
         return read_image_source(self.source, self.channels, self.img_size, self.skip_bad_files)
 
     def build_cache(self, folder: Path) -> dict:
@@ -202,11 +237,15 @@ class ImageDataModule(CachedDataModule):
         for split, (images, labels) in decoded.splits.items():
             np.save(folder / f"{split}_images.npy", images.numpy())
             np.save(folder / f"{split}_labels.npy", labels.numpy())
+        for split, masks in decoded.masks.items():
+            np.save(folder / f"{split}_masks.npy", masks.numpy())
         return {
             "source": self.source,
             "splits": sorted(decoded.splits),
             "sizes": {s: len(v[1]) for s, v in decoded.splits.items()},
             "label_names": decoded.label_names,
+            "masks": sorted(decoded.masks),
+            "mask_names": decoded.mask_names,
         }
 
     # ---- splits ---------------------------------------------------------------------------------------------
@@ -248,10 +287,14 @@ class ImageDataModule(CachedDataModule):
         """Channels converted, train/validation split, few labels drawn, normalisation fixed, augmentation built."""
         _, splits = _load_cached(str(folder))
         self.label_names = list(meta["label_names"])
-        images, labels = splits["train"]
+        self.mask_names = list(meta.get("mask_names") or [])
+        if self.masks and not self.mask_names:
+            raise DataError(f"data.source={self.source} has no masks; segmentation needs a source with them: "
+                            "data=easy_vqa, or a folder with images/ and masks/ (<name>.png of class ids)")
+        images, labels, masks = splits["train"]
         images = self._check_channels(images)
         if "val" in splits:
-            train_idx, val_images, val_labels = np.arange(len(labels)), *splits["val"]
+            train_idx, (val_images, val_labels, val_masks) = np.arange(len(labels)), splits["val"]
             val_images = self._check_channels(val_images)
         else:
             train_idx, val_idx = stratified_split(labels.numpy(), [self.val_fraction], seed=self.seed)
@@ -261,27 +304,30 @@ class ImageDataModule(CachedDataModule):
                     f"{len(labels)} images (split per class); raise or lower it"
                 )
             val_images, val_labels = images[val_idx], labels[val_idx]
+            val_masks = None if masks is None else masks[val_idx]
         if self.mean is None or self.std is None:
             self.mean, self.std = pixel_stats(images[train_idx])
         if len(self.mean) != images.shape[1] or len(self.std) != images.shape[1]:
             raise DataError(f"data.mean/data.std have {len(self.mean)}/{len(self.std)} values for "
                             f"{images.shape[1]}-channel images")
-        if self.labeled and (not self.label_names or bool((labels < 0).any())):
+        if self.labeled and not self.masks and (not self.label_names or bool((labels < 0).any())):
             raise DataError(f"data.source={self.source} has unlabeled images; fine-tuning needs a class folder each")
-        if self.labeled:
+        if self.labeled:  # few labels (or few masks), stratified on the image's class
             keep = few_label_indices(labels[train_idx].numpy(), self.label_fraction, self.labels_per_class, self.seed)
             train_idx = train_idx[keep]
             log.info("Fine-tuning on %d labeled images (%s)", len(train_idx), self.label_summary(labels[train_idx]))
         # Images stay at their stored size; batches come out at the model's (model.img_size, else the stored one).
         size = self.img_size or tuple(images.shape[2:])
         augment = self.build_augment(size)
-        train_labels = labels[train_idx] if self.labeled else None
-        self.train_set = ImageBatches(images[train_idx], train_labels, self.mean, self.std, size, augment, self.views)
+        train_labels = labels[train_idx] if self.labeled and not self.masks else None
+        train_masks = masks[train_idx] if self.masks else None
+        self.train_set = ImageBatches(images[train_idx], train_labels, self.mean, self.std, size, augment, self.views,
+                                      masks=train_masks)
         self.probe_images = (images[train_idx], labels[train_idx], val_images, val_labels)
-        test_images, test_labels = splits.get("test", (None, None))
+        test_images, test_labels, test_masks = splits.get("test", (None, None, None))
         if test_images is None:  # the whole validation split, before a few-label draw
             log.info("%s has no test split; testing on the validation split", self.source)
-            test_images, test_labels = val_images, val_labels
+            test_images, test_labels, test_masks = val_images, val_labels, val_masks
         else:
             test_images = self._check_channels(test_images)
         if self.labeled:
@@ -291,14 +337,21 @@ class ImageDataModule(CachedDataModule):
                 log.info("Validating on %d of %d labeled images (data.val_labels=%s)", len(keep_val),
                          len(val_labels), self.val_labels)
                 val_images, val_labels = val_images[keep_val], val_labels[keep_val]
+                val_masks = None if val_masks is None else val_masks[keep_val]
         if self.views > 1:  # joint-embedding validation: augmented views, the same ones at every validation
             self.val_set = ImageBatches(val_images, None, self.mean, self.std, size, augment, self.views, self.seed)
         else:
-            self.val_set = ImageBatches(val_images, val_labels if self.labeled else None, self.mean, self.std, size)
+            self.val_set = self.eval_set(val_images, val_labels, val_masks, size)
         if test_images is val_images:
             self.test_set = self.val_set
         else:
-            self.test_set = ImageBatches(test_images, test_labels if self.labeled else None, self.mean, self.std, size)
+            self.test_set = self.eval_set(test_images, test_labels, test_masks, size)
+
+    def eval_set(self, images: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor | None,
+                 size: tuple[int, int]) -> ImageBatches:
+        """Unaugmented batches with what the task reads: labels (classification), masks (segmentation) or none."""
+        return ImageBatches(images, labels if self.labeled and not self.masks else None, self.mean, self.std, size,
+                            masks=masks if self.masks else None)
 
     def probe_sets(self, max_train: int, max_val: int) -> tuple[ImageBatches, ImageBatches] | None:
         """Labeled, unaugmented (train, validation) images for an online probe of a representation: a stratified
@@ -332,13 +385,19 @@ class ImageDataModule(CachedDataModule):
         chans, h, w = self.image_shape
         return DataInfo(
             model={"in_chans": chans, "img_size": h if h == w else [h, w]},
-            task={"num_labels": len(self.label_names)} if self.labeled else {},
+            task=self.task_fields(),
             state={
-                "labels": self.label_names,
+                "labels": self.mask_names if self.masks else self.label_names,
                 "normalization": {"mean": self.mean, "std": self.std},
                 "image_shape": [chans, h, w],
             },
         )
+
+    def task_fields(self) -> dict:
+        """What the fine-tuning task takes from the data: the classes of the labels, or of the mask pixels."""
+        if self.masks:
+            return {"class_names": self.mask_names}
+        return {"num_labels": len(self.label_names)} if self.labeled else {}
 
     # ---- loaders ----------------------------------------------------------------------------------------------
 

@@ -119,7 +119,8 @@ def export_task(task: nn.Module, out_dir: str | Path) -> list[str]:
     if hasattr(family, "export_folder"):  # a family with its own folder layout (timm's, for CNNs)
         names = task.label_names() if head is not None and hasattr(task, "label_names") else None
         normalization = dict(getattr(task, "extra_state", {}) or {}).get("normalization") or {}
-        return family.export_folder(task, head, names, normalization, str(out_dir))
+        notes = family.export_folder(task, head, names, normalization, str(out_dir))
+        return notes + export_extras(task, out_dir)
     dense = per_position_head(task, family)  # before anything is written: an unsupported family fails here
     hf_config, state = family.to_hf(task.model, head)
     if dense is not None:  # the backbone as its family writes it, and the head's linear layer under its HF name
@@ -169,7 +170,13 @@ def export_task(task: nn.Module, out_dir: str | Path) -> list[str]:
     for name, text in files.items():
         (out / name).write_text(text)
     log.info("Exported %s to %s", hf_config["architectures"][0], out)
-    return notes
+    return notes + export_extras(task, out)
+
+
+def export_extras(task: nn.Module, out_dir: str | Path) -> list[str]:
+    """What a task with no Hugging Face or timm twin of its head writes beside the backbone (`export_head`:
+    a segmentation decoder); its notes."""
+    return list(task.export_head(Path(out_dir))) if hasattr(task, "export_head") else []
 
 
 def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path) -> list[str]:

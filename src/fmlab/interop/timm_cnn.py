@@ -64,5 +64,5 @@ def export_folder(task: nn.Module, head: Classifier | None, names: list[str] | N
                             safe_serialization=True, data_config=data)
     notes = ["a timm folder: timm.create_model('local-dir:<folder>', pretrained=True) loads it"]
     if head is None:
-        notes.append("no classifier (a pre-training run): the folder is the backbone, num_classes=0")
+        notes.append("no classifier: the folder is the backbone, num_classes=0")
     return notes

@@ -44,6 +44,20 @@ class Backbone(nn.Module):
         """Batch inputs (see `input_names`) -> final hidden states (B, T, C)."""
         raise NotImplementedError
 
+    def features(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+        """Images -> feature maps (B, C_i, H / s_i, W / s_i), finest first, for dense heads (segmentation);
+        `feature_channels` and `feature_strides` give C_i and s_i. Image families implement it."""
+        raise UserError(f"{type(self).__name__} has no feature maps: dense heads (task=segmentation) need an image "
+                        "backbone (model=vit, resnet or efficientnet)")
+
+    def feature_channels(self) -> list[int]:
+        """Channels C_i of the maps `features` returns."""
+        raise UserError(f"{type(self).__name__} has no feature maps")
+
+    def feature_strides(self) -> list[int]:
+        """Downsampling s_i of the maps `features` returns, relative to the input image."""
+        raise UserError(f"{type(self).__name__} has no feature maps")
+
     @property
     def width(self) -> int:
         """Hidden size C of `encode`'s output."""

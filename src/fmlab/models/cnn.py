@@ -109,6 +109,9 @@ class CNN(Backbone):
         """Channels of the maps `features` returns."""
         return [int(info["num_chs"]) for info in self.body.feature_info]
 
+    def feature_strides(self) -> list[int]:
+        return [int(info["reduction"]) for info in self.body.feature_info]
+
     def adapted_on_load(self) -> set[str]:
         return {self.stem_conv}
 

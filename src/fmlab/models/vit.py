@@ -131,6 +131,18 @@ class ViT(Backbone):
 
     forward = encode
 
+    def features(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+        """Images -> the final patch tokens as one map (B, C, H / patch, W / patch) (the CLS token left out)."""
+        tokens = self.encode(pixel_values)[:, 1:]
+        gh, gw = self.config.grid_size
+        return [tokens.transpose(1, 2).reshape(tokens.shape[0], -1, gh, gw)]
+
+    def feature_channels(self) -> list[int]:
+        return [self.config.n_embd]
+
+    def feature_strides(self) -> list[int]:
+        return [pair(self.config.patch_size)[0]]
+
     def no_weight_decay(self) -> set[str]:
         """MAE / timm: the class token and position table; the patch projection decays like any layer."""
         return {n for n, _ in self.named_parameters() if n in ("cls_token", "pos_embed")}
