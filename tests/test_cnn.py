@@ -190,12 +190,6 @@ def test_a_linear_probe_leaves_the_cnn_bit_identical(images: Path, finetuned: Pa
 
 
 def test_eval_py_reproduces_the_cnn_runs_test_metrics(finetuned: Path, tmp_path: Path) -> None:
-    from fmlab.evaluation import evaluate
-    from tests.test_eval_generate import compose_entry
+    from tests.test_eval_generate import assert_eval_reproduces
 
-    reported = json.loads((finetuned / "test_metrics.json").read_text())
-    cfg = compose_entry("eval", [f"ckpt_path={reported['checkpoint']}", f"paths.cache_dir={finetuned.parent / 'cache'}",
-                                 "trainer.accelerator=cpu", "+trainer.enable_progress_bar=false"], tmp_path / "eval")
-    metrics = evaluate(cfg)
-    for key in ("test/acc", "test/f1", "test/loss"):
-        assert metrics[key] == pytest.approx(reported["metrics"][key], rel=1e-5), key
+    assert_eval_reproduces(finetuned, ("test/acc", "test/f1", "test/loss"), tmp_path / "eval")

@@ -178,12 +178,6 @@ def test_export_rebuilds_the_same_detector(detected: Path, tmp_path: Path) -> No
 
 
 def test_eval_py_reproduces_the_detection_runs_test_metrics(detected: Path, tmp_path: Path) -> None:
-    from fmlab.evaluation import evaluate
-    from tests.test_eval_generate import compose_entry
+    from tests.test_eval_generate import assert_eval_reproduces
 
-    reported = json.loads((detected / "test_metrics.json").read_text())
-    cfg = compose_entry("eval", [f"ckpt_path={reported['checkpoint']}", f"paths.cache_dir={detected.parent / 'cache'}",
-                                 "trainer.accelerator=cpu", "+trainer.enable_progress_bar=false"], tmp_path / "eval")
-    metrics = evaluate(cfg)
-    for key in ("test/map", "test/map_50"):
-        assert metrics[key] == pytest.approx(reported["metrics"][key], rel=1e-5), key
+    assert_eval_reproduces(detected, ("test/map", "test/map_50"), tmp_path / "eval")

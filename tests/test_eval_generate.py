@@ -34,6 +34,18 @@ def compose_entry(name: str, overrides: list[str], output_dir: Path):
     return cfg
 
 
+def assert_eval_reproduces(run_dir: Path, keys: tuple[str, ...], output_dir: Path) -> None:
+    """eval.py on the checkpoint a run tested gives the test metrics the run wrote (its cache beside the run)."""
+    from fmlab.evaluation import evaluate
+
+    reported = json.loads((run_dir / "test_metrics.json").read_text())
+    cfg = compose_entry("eval", [f"ckpt_path={reported['checkpoint']}", f"paths.cache_dir={run_dir.parent / 'cache'}",
+                                 "trainer.accelerator=cpu", "+trainer.enable_progress_bar=false"], output_dir)
+    metrics = evaluate(cfg)
+    for key in keys:
+        assert metrics[key] == pytest.approx(reported["metrics"][key], rel=1e-5), key
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("evalgen")

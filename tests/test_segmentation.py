@@ -101,6 +101,21 @@ def test_mask_folder_reads_pairs_and_names_classes(tmp_path: Path) -> None:
     assert labels.tolist() == [1, 2, 1, 2, 1, 2]  # each image's main class, what few-mask draws stratify on
 
 
+def test_a_saved_hf_dataset_with_annotation_masks_reads_as_pairs(tmp_path: Path) -> None:
+    datasets = pytest.importorskip("datasets")
+    root = write_mask_folder(tmp_path / "pairs", n=8, size=24)
+    rows = {"image": [str(p) for p in sorted((root / "images").iterdir())],
+            "annotation": [str(p) for p in sorted((root / "masks").iterdir())]}
+    features = datasets.Features({"image": datasets.Image(), "annotation": datasets.Image()})
+    split = datasets.Dataset.from_dict(rows, features=features)
+    datasets.DatasetDict({"train": split, "validation": split.select(range(4))}).save_to_disk(tmp_path / "hf")
+    data = ImageDataModule(source=str(tmp_path / "hf"), labeled=True, masks=True, cache_dir=str(tmp_path / "c"))
+    data.setup()
+    folder = read_mask_folder(root, None, None)
+    assert torch.equal(data.train_set.masks, folder.masks["train"]) and len(data.val_set) == 4
+    assert data.mask_names == ["class_0", "class_1", "class_2"]  # no classes.txt beside the dataset
+
+
 @pytest.mark.parametrize("fault, message", [
     ("small_mask", "003.png: the mask is 12x12 but its image is 24x24"),
     ("corrupt_image", "002.png: not a readable image"),
@@ -233,12 +248,6 @@ def test_segmentation_needs_an_image_backbone(tmp_path: Path) -> None:
 
 
 def test_eval_py_reproduces_the_segmentation_runs_test_metrics(segmented: Path, tmp_path: Path) -> None:
-    from fmlab.evaluation import evaluate
-    from tests.test_eval_generate import compose_entry
+    from tests.test_eval_generate import assert_eval_reproduces
 
-    reported = json.loads((segmented / "test_metrics.json").read_text())
-    cfg = compose_entry("eval", [f"ckpt_path={reported['checkpoint']}", f"paths.cache_dir={segmented.parent / 'cache'}",
-                                 "trainer.accelerator=cpu", "+trainer.enable_progress_bar=false"], tmp_path / "eval")
-    metrics = evaluate(cfg)
-    for key in ("test/miou", "test/pixel_acc", "test/iou_disc"):
-        assert metrics[key] == pytest.approx(reported["metrics"][key], rel=1e-5), key
+    assert_eval_reproduces(segmented, ("test/miou", "test/pixel_acc", "test/iou_disc"), tmp_path / "eval")

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from fmlab.data.image_sources import IMAGE_SUFFIXES, ImageSplits, decode_images, folder_splits
-from fmlab.data.sources import DataError, Preset, register_preset
+from fmlab.data.sources import SPLIT_NAMES, DataError, Preset, load_hf_dataset, register_preset
 from fmlab.models.dense import IGNORE_MASK
 
 EASY_VQA_SHAPES = ["circle", "rectangle", "triangle"]
@@ -149,27 +149,32 @@ def mask_class_names(root: Path, masks: list[np.ndarray]) -> list[str]:
     return [f"class_{i}" for i in range(max(top + 1, 2))]
 
 
-def read_mask(path: Path, image_size: tuple[int, int], size: tuple[int, int] | None) -> np.ndarray:
-    """A single-channel PNG of class ids (grey or palette indices) of an image of `image_size` (H, W) -> (H, W)
-    uint8, resized to `size` by nearest neighbour when given."""
+def read_mask(open_mask, name: str, image_size: tuple[int, int], size: tuple[int, int] | None) -> np.ndarray:
+    """A single-channel PNG of class ids (grey or palette indices; `open_mask()` opens it, `name` names it in
+    errors) of an image of `image_size` (H, W) -> (H, W) uint8, resized to `size` by nearest neighbour."""
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as mask:
+        with open_mask() as mask:
             if mask.mode not in ("L", "P", "1", "I", "I;16"):
-                raise DataError(f"{path}: a mask holds one class id per pixel (a grey or palette PNG), not "
+                raise DataError(f"{name}: a mask holds one class id per pixel (a grey or palette PNG), not "
                                 f"{mask.mode} colours")
             if (mask.height, mask.width) != tuple(image_size):
-                raise DataError(f"{path}: the mask is {mask.width}x{mask.height} but its image is "
+                raise DataError(f"{name}: the mask is {mask.width}x{mask.height} but its image is "
                                 f"{image_size[1]}x{image_size[0]}; a mask must have its image's size")
             if size is not None and (mask.height, mask.width) != tuple(size):
                 mask = mask.resize((size[1], size[0]), Image.Resampling.NEAREST)
             array = np.asarray(mask, dtype=np.int64)
     except (OSError, UnidentifiedImageError, SyntaxError) as err:
-        raise DataError(f"{path}: not a readable mask ({type(err).__name__}: {err})") from err
+        raise DataError(f"{name}: not a readable mask ({type(err).__name__}: {err})") from err
     if array.min() < 0 or array.max() > IGNORE_MASK:
-        raise DataError(f"{path}: class ids must be 0-{IGNORE_MASK - 1} ({IGNORE_MASK}: no class)")
+        raise DataError(f"{name}: class ids must be 0-{IGNORE_MASK - 1} ({IGNORE_MASK}: no class)")
     return array.astype(np.uint8)
+
+
+def image_size_of(open_image) -> tuple[int, int]:
+    with open_image() as image:
+        return image.height, image.width
 
 
 def read_mask_folder(root: Path, channels: int | None, size: tuple[int, int] | None) -> ImageSplits:
@@ -197,11 +202,43 @@ def read_mask_folder(root: Path, channels: int | None, size: tuple[int, int] | N
             mask_file = folder / "masks" / f"{path.stem}.png"
             if not mask_file.is_file():
                 raise DataError(f"{path}: no mask {mask_file}; every image needs masks/<its name>.png")
-            with Image.open(path) as image:
-                image_size = (image.height, image.width)
-            split_masks.append(read_mask(mask_file, image_size, tuple(images.shape[2:])))
+            split_masks.append(read_mask(partial(Image.open, mask_file), str(mask_file),
+                                         image_size_of(partial(Image.open, path)), tuple(images.shape[2:])))
         splits[split] = (torch.from_numpy(images), torch.from_numpy(main_class(split_masks)))
         masks[split] = torch.from_numpy(np.stack(split_masks))
+    names = mask_class_names(root, [m for split in masks.values() for m in split.numpy()])
+    return ImageSplits(splits, names, masks, names)
+
+
+def read_hf_masks(root: Path, channels: int | None, size: tuple[int, int] | None,
+                  image_column: str = "image", mask_column: str = "annotation") -> ImageSplits:
+    """A `datasets` folder saved with save_to_disk whose rows hold an image and its mask image (the layout of
+    the Hub's scene_parse_150 / ADE20K: `image`, `annotation`) -> decoded splits with masks; class names from
+    `classes.txt` beside it, else `class_<id>`."""
+    from fmlab.data.image_sources import _open_stored
+
+    mode = {None: None, 1: "L", 3: "RGB"}[channels]
+    splits, masks = {}, {}
+    for split, ds in load_hf_dataset(root).items():
+        for column in (image_column, mask_column):
+            if column not in ds.column_names:
+                raise DataError(f"{root} ({split}): no column {column!r}; a segmentation dataset has "
+                                f"{image_column!r} and {mask_column!r}; columns present: {ds.column_names}")
+        rows = ds.cast_column(image_column, ds.features[image_column].__class__(decode=False))
+        rows = rows.cast_column(mask_column, ds.features[mask_column].__class__(decode=False))
+        opened = [(f"{root} ({split} row {i})", partial(_open_stored, row[image_column].get("bytes"),
+                                                         row[image_column].get("path")),
+                   partial(_open_stored, row[mask_column].get("bytes"), row[mask_column].get("path")))
+                  for i, row in enumerate(rows)]
+        images, _, _ = decode_images([(n, o, -1) for n, o, _ in opened], mode, size, False, f"{root} ({split})")
+        mode = mode or ("L" if images.shape[1] == 1 else "RGB")
+        split_masks = [read_mask(m, f"{n}, column {mask_column}", image_size_of(o), tuple(images.shape[2:]))
+                       for n, o, m in opened]
+        name = SPLIT_NAMES.get(split, "train" if split == "all" else split)
+        splits[name] = (torch.from_numpy(images), torch.from_numpy(main_class(split_masks)))
+        masks[name] = torch.from_numpy(np.stack(split_masks))
+    if "train" not in splits:
+        raise DataError(f"{root}: no 'train' split; splits present: {sorted(splits)}")
     names = mask_class_names(root, [m for split in masks.values() for m in split.numpy()])
     return ImageSplits(splits, names, masks, names)
 

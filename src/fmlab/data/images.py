@@ -21,10 +21,10 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from fmlab.data.base import CachedDataModule, DataInfo
-from fmlab.data.image_masks import is_mask_folder, read_mask_folder
+from fmlab.data.image_masks import is_mask_folder, read_hf_masks, read_mask_folder
 from fmlab.data.image_sources import ImageSplits, read_image_source
 from fmlab.data.sampling import VAL_LABELS, few_label_indices, few_label_val_indices, stratified_split
-from fmlab.data.sources import DataError, Preset, find_preset, fingerprint
+from fmlab.data.sources import DataError, Preset, find_preset, fingerprint, is_hf_dataset
 from fmlab.errors import check_choice, check_count
 
 log = logging.getLogger(__name__)
@@ -219,7 +219,8 @@ class ImageDataModule(CachedDataModule):
         if self.preset:
             spec = {"preset": self.source, "files": fingerprint(self.source, **self.preset_options)}
         else:
-            spec = {"files": fingerprint(self.source), "channels": self.channels, "size": self.img_size}
+            spec = {"files": fingerprint(self.source), "channels": self.channels, "size": self.img_size,
+                    "masks": self.masks}
         return {**spec, "skip_bad_files": self.skip_bad_files}
 
     def read_source(self) -> ImageSplits:
@@ -228,6 +229,8 @@ class ImageDataModule(CachedDataModule):
         root = Path(self.source).expanduser()
         if root.is_dir() and is_mask_folder(root):
             return read_mask_folder(root, self.channels, self.img_size)
+        if self.masks and is_hf_dataset(root):
+            return read_hf_masks(root, self.channels, self.img_size)
         return read_image_source(self.source, self.channels, self.img_size, self.skip_bad_files)
 
     def build_cache(self, folder: Path) -> dict:

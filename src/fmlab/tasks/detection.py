@@ -8,7 +8,6 @@ Metrics (torchmetrics' MeanAveragePrecision, COCO definitions): `*/map` (mAP at 
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import torch
@@ -17,10 +16,9 @@ from torchmetrics.detection import MeanAveragePrecision
 from fmlab.models.detection import DETECTOR_FILE, DETECTOR_SPEC, build_faster_rcnn, save_detector
 from fmlab.models.vit import pair
 from fmlab.tasks.base import to_plain
+from fmlab.tasks.figures import denormalize, log_figure
 from fmlab.tasks.finetune import FinetuneTask
-from fmlab.tasks.segmentation import log_figure
 
-log = logging.getLogger(__name__)
 SHOWN = 4  # test images drawn in detections.png
 SHOWN_SCORE = 0.5  # predicted boxes drawn from this score up
 
@@ -164,10 +162,7 @@ def plot_detections(shown: dict, normalization: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
 
-    pixels = shown["pixels"].float()
-    mean = torch.tensor(normalization.get("mean") or [0.0] * pixels.shape[1]).view(1, -1, 1, 1)
-    std = torch.tensor(normalization.get("std") or [1.0] * pixels.shape[1]).view(1, -1, 1, 1)
-    images = (pixels * std + mean).clamp(0, 1)
+    images = denormalize(shown["pixels"], normalization)
     fig, axes = plt.subplots(1, len(images), figsize=(4 * len(images), 4), squeeze=False)
     for ax, image, truth, pred in zip(axes[0], images, shown["truth"], shown["prediction"], strict=True):
         ax.imshow(image.permute(1, 2, 0).squeeze(-1).numpy(), cmap="gray" if image.shape[0] == 1 else None)

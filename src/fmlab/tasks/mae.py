@@ -19,6 +19,7 @@ from fmlab.errors import UserError, check_count
 from fmlab.models.mae_decoder import MAEDecoder, patchify, unpatchify
 from fmlab.models.transformer import num_params, training_flops
 from fmlab.tasks.base import Task, to_plain
+from fmlab.tasks.figures import denormalize
 
 log = logging.getLogger(__name__)
 
@@ -156,9 +157,7 @@ class MAETask(Task):
         masked = unpatchify(target * (1 - mask), p, cfg.in_chans, grid)
         recon = unpatchify(target * (1 - mask) + pred * mask, p, cfg.in_chans, grid)
         stats = self.extra_state.get("normalization", {})
-        mean = torch.tensor(stats.get("mean", [0.0] * cfg.in_chans), device=images.device).view(1, -1, 1, 1)
-        std = torch.tensor(stats.get("std", [1.0] * cfg.in_chans), device=images.device).view(1, -1, 1, 1)
-        rows = [(x * std + mean).clamp(0, 1) for x in (images.float(), masked, recon)]
+        rows = [denormalize(x, stats) for x in (images.float(), masked, recon)]
         rows[1] = torch.where(unpatchify(mask.expand_as(target), p, cfg.in_chans, grid).bool(), 0.5, rows[1])
         return make_grid(torch.cat(rows).cpu(), nrow=len(images), padding=1, pad_value=1.0)
 

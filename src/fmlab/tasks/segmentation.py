@@ -8,7 +8,6 @@ each class and `segmentation.png` (image / ground truth / prediction) in the run
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import torch
@@ -21,9 +20,9 @@ from fmlab.errors import UserError, check_rate
 from fmlab.models.dense import DECODER_FILE, DECODER_SPEC, IGNORE_MASK, DenseDecoder, save_decoder
 from fmlab.models.vit import pair
 from fmlab.tasks.base import to_plain
+from fmlab.tasks.figures import denormalize, log_figure
 from fmlab.tasks.finetune import FinetuneTask
 
-log = logging.getLogger(__name__)
 SHOWN = 6  # test images drawn in segmentation.png
 
 
@@ -166,10 +165,7 @@ def plot_segmentation(shown: dict[str, torch.Tensor], normalization: dict, names
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
 
-    pixels = shown["pixels"].float()
-    mean = torch.tensor(normalization.get("mean") or [0.0] * pixels.shape[1]).view(1, -1, 1, 1)
-    std = torch.tensor(normalization.get("std") or [1.0] * pixels.shape[1]).view(1, -1, 1, 1)
-    images = (pixels * std + mean).clamp(0, 1)
+    images = denormalize(shown["pixels"], normalization)
     rows = len(images)
     fig, axes = plt.subplots(rows, 3, figsize=(6, 2 * rows), squeeze=False)
     for i in range(rows):
@@ -188,20 +184,3 @@ def plot_segmentation(shown: dict[str, torch.Tensor], normalization: dict, names
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)
-
-
-def log_figure(loggers: list, key: str, path: Path) -> None:
-    """A saved PNG into the run's W&B (`log_image`) and TensorBoard (`add_image`) loggers; others skip it."""
-    for logger in loggers:
-        try:
-            if hasattr(logger, "log_image"):
-                logger.log_image(key=key, images=[str(path)])
-            elif hasattr(getattr(logger, "experiment", None), "add_image"):
-                import numpy as np
-                from PIL import Image
-
-                with Image.open(path) as image:
-                    array = np.asarray(image.convert("RGB"))
-                logger.experiment.add_image(key, array, dataformats="HWC")
-        except Exception as err:  # a figure is a convenience: a logger that refuses it must not fail the test
-            log.warning("Could not log %s to %s: %s", path.name, type(logger).__name__, err)
