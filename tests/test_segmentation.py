@@ -251,3 +251,29 @@ def test_eval_py_reproduces_the_segmentation_runs_test_metrics(segmented: Path, 
     from tests.test_eval_generate import assert_eval_reproduces
 
     assert_eval_reproduces(segmented, ("test/miou", "test/pixel_acc", "test/iou_disc"), tmp_path / "eval")
+
+
+def test_figures_reach_tensorboard_and_wandb_style_loggers(tmp_path: Path) -> None:
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from fmlab.tasks.figures import log_figure
+
+    path = tmp_path / "figure.png"
+    Image.new("RGB", (20, 10), (255, 0, 0)).save(path)
+
+    class ImageLogger:  # the part of WandbLogger's interface log_figure uses
+        def __init__(self) -> None:
+            self.logged: list = []
+
+        def log_image(self, key: str, images: list) -> None:
+            self.logged.append((key, images))
+
+    tensorboard, wandb_like = TensorBoardLogger(str(tmp_path / "tb")), ImageLogger()
+    log_figure([tensorboard, wandb_like], "test/segmentation", path)
+    tensorboard.experiment.flush()
+    events = EventAccumulator(tensorboard.log_dir)
+    events.Reload()
+    [image] = events.Images("test/segmentation")
+    assert (image.width, image.height) == (20, 10)
+    assert wandb_like.logged == [("test/segmentation", [str(path)])]
