@@ -138,15 +138,14 @@ def is_mask_folder(root: Path) -> bool:
 def mask_class_names(root: Path, masks: list[np.ndarray]) -> list[str]:
     """`root/classes.txt` (one name per line, in id order), else `class_<id>` up to the largest id in the masks."""
     listing = root / "classes.txt"
-    if listing.is_file():
-        names = [line.strip() for line in listing.read_text().splitlines() if line.strip()]
-        top = max((int(m[m != IGNORE_MASK].max(initial=0)) for m in masks), default=0)
-        if top >= len(names):
-            raise DataError(f"{listing}: {len(names)} class names, but a mask holds class id {top}; list one name "
-                            f"per class id, or mark unlabeled pixels {IGNORE_MASK}")
-        return names
     top = max((int(m[m != IGNORE_MASK].max(initial=0)) for m in masks), default=0)
-    return [f"class_{i}" for i in range(max(top + 1, 2))]
+    if not listing.is_file():
+        return [f"class_{i}" for i in range(max(top + 1, 2))]
+    names = [line.strip() for line in listing.read_text().splitlines() if line.strip()]
+    if top >= len(names):
+        raise DataError(f"{listing}: {len(names)} class names, but a mask holds class id {top}; list one name "
+                        f"per class id, or mark unlabeled pixels {IGNORE_MASK}")
+    return names
 
 
 def read_mask(open_mask, name: str, image_size: tuple[int, int], size: tuple[int, int] | None) -> np.ndarray:

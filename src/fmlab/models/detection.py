@@ -20,6 +20,8 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
+from fmlab.errors import UserError
+
 
 class PyramidBackbone(nn.Module):
     """What torchvision's detectors take: `forward(images) -> OrderedDict` of maps, all `out_channels` wide."""
@@ -69,7 +71,8 @@ def build_faster_rcnn(backbone: nn.Module, num_classes: int, image_size: tuple[i
     levels = pyramid.num_levels
     anchor_sizes = anchor_sizes or [max(1, round(4 * s)) for s in pyramid.strides]
     if len(anchor_sizes) != levels:
-        raise ValueError(f"task.anchor_sizes needs {levels} sizes (one per pyramid level), got {anchor_sizes}")
+        raise UserError(f"task.anchor_sizes={list(anchor_sizes)}: this backbone's pyramid has {levels} levels; "
+                        f"give {levels} sizes (one per level) or null")
     anchors = AnchorGenerator(tuple((int(s),) for s in anchor_sizes), ((0.5, 1.0, 2.0),) * levels)
     roi_levels = [str(i) for i in range(levels - (0 if pyramid.fpn is None else 1))]  # not the pooled top
     pool = MultiScaleRoIAlign(roi_levels, output_size=7, sampling_ratio=2)
