@@ -138,3 +138,47 @@ def test_spread_over_seeds_is_the_sample_standard_deviation() -> None:
 
     assert sample_std(np.array([1.0, 2.0, 3.0])) == pytest.approx(1.0)
     assert sample_std(np.array([5.0])) == 0.0
+
+
+# ---- the experiment protocol (experiments/label_efficiency/common.py) ----------------------------------------------
+
+
+def test_label_budgets_become_the_data_options() -> None:
+    from common import label_overrides
+
+    assert label_overrides("1%") == ["data.label_fraction=0.01"]
+    assert label_overrides("16/class") == ["data.labels_per_class=16"]
+    assert label_overrides("100%") == []
+
+
+def write_metrics_csv(run_dir: Path, val_losses: list[float], steps_per_epoch: int) -> None:
+    (run_dir / "csv").mkdir(parents=True)
+    lines = ["epoch,step,train/loss,val/loss"]
+    for epoch, loss in enumerate(val_losses):
+        step = (epoch + 1) * steps_per_epoch - 1
+        lines += [f"{epoch},{step},1.0,", f"{epoch},{step},,{loss}"]
+    (run_dir / "csv" / "metrics.csv").write_text("\n".join(lines) + "\n")
+
+
+def test_a_run_summary_says_how_long_it_trained_and_how_it_stopped(tmp_path: Path) -> None:
+    from common import run_summary
+
+    write_metrics_csv(tmp_path / "early", [1.0, 0.5, 0.7, 0.8], steps_per_epoch=5)
+    assert run_summary(tmp_path / "early", max_epochs=10) == {
+        "steps": 20, "epochs": 4, "best_epoch": 2, "val/loss": 0.5, "stopped": "early"}
+    write_metrics_csv(tmp_path / "cap", [1.0, 0.9, 0.8], steps_per_epoch=2)
+    assert run_summary(tmp_path / "cap", max_epochs=3)["stopped"] == "cap"
+
+
+def test_the_grid_point_kept_is_the_lowest_validation_loss_at_the_first_seed(tmp_path: Path) -> None:
+    from common import Study, parser
+
+    args = parser("", labels=["1%"], seeds_all_labels=[0]).parse_args([])
+    grid = [{"lr": 1e-3}, {"lr": 1e-2}]
+    study = Study(tmp_path / "results.json", tmp_path, {"arm": grid}, lambda *a: [], args)
+    for seed, lr, loss in [(0, 1e-3, 0.9), (0, 1e-2, 0.4), (1, 1e-3, 0.1)]:
+        study.results["runs"][f"{seed}-{lr}"] = {"arm": "arm", "labels": "1%", "seed": seed, "hp": {"lr": lr},
+                                                 "val/loss": loss}
+    assert study.chosen("arm", "1%") == {"lr": 1e-2}, "seed 1 does not choose"
+    assert [r["seed"] for r in study.table_runs()[("arm", "1%")]] == [0], "the table averages the chosen point only"
+    assert study.chosen("arm", "10%") is None

@@ -21,7 +21,7 @@ import json
 
 import numpy as np
 from baselines import image_splits, pixel_logreg, text_splits, tfidf_logreg
-from common import HERE, sample_std
+from common import HERE, spread
 
 RESULTS = HERE / "results_classic.json"
 SPLIT_SEED = 1234
@@ -49,11 +49,6 @@ def run_one(modality: str, fraction: float | None, per_class: int | None, seed: 
         splits = image_splits(dm)
         result = pixel_logreg(splits)
     return {**result, "sizes": {s: len(splits[s][1]) for s in splits}}
-
-
-def spread(x: np.ndarray) -> str:
-    """Mean ± the sample standard deviation over seeds (the mean alone for one run)."""
-    return f"{x.mean():.1f} ± {sample_std(x):.1f}" if len(x) > 1 else f"{x.mean():.1f}"
 
 
 def table(results: dict, modality: str) -> str:
