@@ -151,6 +151,17 @@ def test_label_budgets_become_the_data_options() -> None:
     assert label_overrides("100%") == []
 
 
+@pytest.mark.parametrize("argv", [["--labels", "3x"], ["--arms", "mae"]])
+def test_a_bad_driver_option_is_a_one_line_error_naming_it(argv: list[str], tmp_path: Path, capsys) -> None:
+    from common import Study, parser
+
+    with pytest.raises(SystemExit) as stop:
+        args = parser("", labels=["1%"], seeds_all_labels=[0]).parse_args(argv)
+        Study(tmp_path / "results.json", tmp_path, {"scratch": [{"lr": 1e-3}]}, lambda *a: [], args)
+    message = str(stop.value.code) if isinstance(stop.value.code, str) else capsys.readouterr().err.splitlines()[-1]
+    assert "error: " in message and argv[0] in message
+
+
 def write_metrics_csv(run_dir: Path, val_losses: list[float], steps_per_epoch: int) -> None:
     (run_dir / "csv").mkdir(parents=True)
     lines = ["epoch,step,train/loss,val/loss"]

@@ -21,10 +21,9 @@ import json
 
 import numpy as np
 from baselines import image_splits, pixel_logreg, text_splits, tfidf_logreg
-from common import HERE, spread
+from common import HERE, TEXT_SPLIT_SEED, spread
 
 RESULTS = HERE / "results_classic.json"
-SPLIT_SEED = 1234
 # (name, label_fraction, labels_per_class) per modality; all labels once (every seed would draw the same).
 SAMPLES = {
     "text": [("1%", 0.01, None), ("10%", 0.1, None), ("100%", None, None), ("4/class", None, 4),
@@ -37,7 +36,7 @@ def run_one(modality: str, fraction: float | None, per_class: int | None, seed: 
     if modality == "text":
         from fmlab.data.labeled_text import LabeledTextDataModule
 
-        dm = LabeledTextDataModule(source="bbc_news", seed=SPLIT_SEED, label_seed=seed, label_fraction=fraction,
+        dm = LabeledTextDataModule(source="bbc_news", seed=TEXT_SPLIT_SEED, label_seed=seed, label_fraction=fraction,
                                    labels_per_class=per_class)
         splits = text_splits(dm)
         result = tfidf_logreg(splits)

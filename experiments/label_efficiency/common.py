@@ -24,6 +24,8 @@ HERE = Path(__file__).resolve().parent
 CLASSIC = HERE / "results_classic.json"
 # the hyperparameters a grid point may set, as train.py overrides
 HPARAMS = {"lr": "task.optimizer.lr", "layer_decay": "task.layer_decay"}
+# the BBC News split (train / val / test) the text arms and TF-IDF share, fixed across seeds
+TEXT_SPLIT_SEED = 1234
 
 
 def sample_std(values: np.ndarray) -> float:
@@ -40,8 +42,20 @@ def label_overrides(labels: str) -> list[str]:
     """'1%' -> data.label_fraction=0.01, '16/class' -> data.labels_per_class=16, '100%' -> nothing."""
     if labels.endswith("/class"):
         return [f"data.labels_per_class={int(labels.removesuffix('/class'))}"]
+    if not labels.endswith("%"):
+        raise ValueError(labels)
     fraction = float(labels.removesuffix("%")) / 100
     return [] if fraction == 1 else [f"data.label_fraction={fraction:g}"]
+
+
+def label_budget(labels: str) -> str:
+    """An argparse type: a label budget as the drivers name it ('1%', '16/class'), checked."""
+    try:
+        label_overrides(labels)
+    except ValueError:
+        message = f"{labels!r}: a label budget is a percentage (1%) or k per class (16/class)"
+        raise argparse.ArgumentTypeError(message) from None
+    return labels
 
 
 def hp_tag(hp: dict) -> str:
@@ -57,7 +71,8 @@ def hp_overrides(hp: dict) -> list[str]:
 def parser(doc: str, labels: list[str], seeds_all_labels: list[int]) -> argparse.ArgumentParser:
     """The options both drivers take; each adds its own."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--labels", nargs="+", default=labels, help="label budgets: 1%% (a fraction) or 16/class")
+    p.add_argument("--labels", nargs="+", type=label_budget, default=labels,
+                   help="label budgets: 1%% (a fraction) or 16/class")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="the first also chooses the grid point")
     p.add_argument("--seeds-all-labels", type=int, nargs="+", default=seeds_all_labels,
                    help="seeds at 100%% (every seed trains on the same labels there)")
@@ -121,6 +136,8 @@ class Study:
     def __init__(self, path: Path, runs: Path, arms: dict[str, list[dict]],
                  overrides: Callable[[str, str, int, dict], list[str]], args: argparse.Namespace) -> None:
         self.path, self.runs, self.overrides, self.args = path, runs, overrides, args
+        if unknown := set(args.arms or []) - set(arms):
+            sys.exit(f"error: --arms: no arm {', '.join(sorted(unknown))}; the arms are {', '.join(arms)}")
         self.arms = {a: g for a, g in arms.items() if args.arms is None or a in args.arms}
         self.results = json.loads(path.read_text()) if path.is_file() else {"pretrain": {}, "runs": {}}
         self.results.setdefault("pretrain", {})

@@ -23,11 +23,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from common import HERE, ROOT, Study, parser, pretrain_summary, report, train
+from common import HERE, ROOT, TEXT_SPLIT_SEED, Study, parser, pretrain_summary, report, train
 
 RUNS = ROOT / "outputs" / "experiments" / "text"
 RESULTS = HERE / "results_text.json"
-SPLIT_SEED = 1234
 GRID = [{"lr": lr} for lr in (5e-5, 2e-4, 8e-4)]
 ARMS = {"scratch": GRID, "bert_mlm": GRID, "minilm": GRID}
 
@@ -37,7 +36,7 @@ def training_texts(path: Path) -> None:
     from fmlab.data.labeled_text import LabeledTextDataModule
     from fmlab.data.sources import read_split_table
 
-    dm = LabeledTextDataModule(source="bbc_news", seed=SPLIT_SEED)
+    dm = LabeledTextDataModule(source="bbc_news", seed=TEXT_SPLIT_SEED)
     parts = dm.split({s: dm.clean(r, s) for s, r in read_split_table("bbc_news", dm.columns).items()})
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps({"text": r["text"]}) + "\n" for r in parts["train"]))
@@ -56,7 +55,7 @@ def main() -> None:
 
     def overrides(arm: str, labels: str, seed: int, hp: dict) -> list[str]:
         out = [f"model={'minilm' if arm == 'minilm' else 'bert'}", "stage=finetune", f"seed={seed}",
-               f"data.seed={SPLIT_SEED}", f"data.label_seed={seed}", f"data.max_length={args.max_length}"]
+               f"data.seed={TEXT_SPLIT_SEED}", f"data.label_seed={seed}", f"data.max_length={args.max_length}"]
         return out + ([f"pretrained={pretrained}"] if arm == "bert_mlm" else [])
 
     study = Study(RESULTS, RUNS, ARMS, overrides, args)
