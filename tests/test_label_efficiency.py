@@ -162,10 +162,11 @@ def test_a_bad_driver_option_is_a_one_line_error_naming_it(argv: list[str], tmp_
     assert "error: " in message and argv[0] in message
 
 
-def write_metrics_csv(run_dir: Path, val_losses: list[float], steps_per_epoch: int) -> None:
+def write_metrics_csv(run_dir: Path, val_losses: list[float], steps_per_epoch: int, per_round: int = 1) -> None:
     (run_dir / "csv").mkdir(parents=True)
-    lines = ["epoch,step,train/loss,val/loss"]
-    for epoch, loss in enumerate(val_losses):
+    lines = ["epoch,step,train/loss,val/loss", "0,0,,2.0"]  # the validation before fit
+    for i, loss in enumerate(val_losses):
+        epoch = (i + 1) * per_round - 1
         step = (epoch + 1) * steps_per_epoch - 1
         lines += [f"{epoch},{step},1.0,", f"{epoch},{step},,{loss}"]
     (run_dir / "csv" / "metrics.csv").write_text("\n".join(lines) + "\n")
@@ -176,9 +177,15 @@ def test_a_run_summary_says_how_long_it_trained_and_how_it_stopped(tmp_path: Pat
 
     write_metrics_csv(tmp_path / "early", [1.0, 0.5, 0.7, 0.8], steps_per_epoch=5)
     assert run_summary(tmp_path / "early", max_epochs=10) == {
-        "steps": 20, "epochs": 4, "best_epoch": 2, "val/loss": 0.5, "stopped": "early"}
+        "steps": 20, "epochs": 4, "epochs_per_round": 1, "best_epoch": 2, "val/loss": 0.5, "stopped": "early"}
     write_metrics_csv(tmp_path / "cap", [1.0, 0.9, 0.8], steps_per_epoch=2)
     assert run_summary(tmp_path / "cap", max_epochs=3)["stopped"] == "cap"
+    # one step an epoch, validated every 20 epochs: 3 rounds of a 10-round cap is an early stop, 10 the cap
+    write_metrics_csv(tmp_path / "rounds", [1.0, 0.5, 0.7], steps_per_epoch=1, per_round=20)
+    assert run_summary(tmp_path / "rounds", max_epochs=10) == {
+        "steps": 60, "epochs": 60, "epochs_per_round": 20, "best_epoch": 40, "val/loss": 0.5, "stopped": "early"}
+    write_metrics_csv(tmp_path / "rounds_cap", [1.0] * 10, steps_per_epoch=1, per_round=20)
+    assert run_summary(tmp_path / "rounds_cap", max_epochs=10)["stopped"] == "cap"
 
 
 def test_the_grid_point_kept_is_the_lowest_validation_loss_at_the_first_seed(tmp_path: Path) -> None:

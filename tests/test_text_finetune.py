@@ -201,3 +201,17 @@ def test_minilm_finetune_beats_the_majority_class(tmp_path: Path) -> None:
     ], tmp_path / "run"))
     metrics = json.loads((tmp_path / "run" / "test_metrics.json").read_text())["metrics"]
     assert metrics["test/acc"] > 0.2 + 0.15, metrics  # 5 balanced topics: the majority class scores 0.2
+
+
+@pytest.mark.parametrize(("min_steps", "steps"), [(1, 2), (6, 12)])
+def test_few_label_epochs_count_in_rounds_of_min_steps(root: Path, min_steps: int, steps: int) -> None:
+    """Five labels in a batch of eight: one step an epoch. Two "epochs" of stage=finetune are two validation rounds
+    of at least min_steps steps, so patience and the cap do not stop a run after a handful of updates."""
+    run = root / f"rounds{min_steps}"
+    train(finetune_config(root, f"rounds{min_steps}", "data.labels_per_class=1", "trainer.max_steps=-1",
+                          "trainer.max_epochs=2", "trainer.val_check_interval=1.0", "validate_before_fit=false",
+                          f"callbacks.validation_rounds.min_steps={min_steps}"))
+    rows = read_metrics(run)
+    validated_at = [int(r["step"]) + 1 for r in rows if r.get("val/loss")]
+    assert validated_at == [steps // 2, steps], rows
+    assert max(int(r["step"]) for r in rows if r.get("train/loss")) == steps - 1

@@ -11,7 +11,8 @@ SEEDS=${SEEDS:-"0"}
 # 400 px tiles resized to 256 (trees of 6-40 px) and a narrower box head: a CPU budget; drop both on a GPU.
 COMMON=(stage=finetune task=detection data=deepforest logger=csv model.img_size=${IMG_SIZE:-256}
         task.box_head_width=${BOX_HEAD_WIDTH:-256} trainer.max_epochs=${EPOCHS:-30}
-        callbacks.early_stopping.patience=${PATIENCE:-10})
+        callbacks.early_stopping.patience=${PATIENCE:-10}
+        callbacks.validation_rounds.min_steps=${MIN_STEPS:-1})  # recorded runs: plain epochs of 14 steps
 mkdir -p "$OUT"
 for seed in $SEEDS; do
   for arm in imagenet scratch; do

@@ -76,8 +76,11 @@ def parser(doc: str, labels: list[str], seeds_all_labels: list[int]) -> argparse
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="the first also chooses the grid point")
     p.add_argument("--seeds-all-labels", type=int, nargs="+", default=seeds_all_labels,
                    help="seeds at 100%% (every seed trains on the same labels there)")
-    p.add_argument("--max-epochs", type=int, default=100, help="the cap; the cosine schedule spans it")
-    p.add_argument("--patience", type=int, default=10, help="epochs without a better validation loss before stopping")
+    p.add_argument("--max-epochs", type=int, default=100,
+                   help="the cap, in validation rounds (an epoch, or the fewest epochs of 20 steps at few labels); "
+                        "the cosine schedule spans it")
+    p.add_argument("--patience", type=int, default=10,
+                   help="validation rounds without a better validation loss before stopping")
     p.add_argument("--arms", nargs="+", default=None, help="a subset of the arms (default: all)")
     p.add_argument("--jobs", type=int, default=1, help="fine-tunes run side by side, one intra-op thread each")
     p.add_argument("--extra", nargs="*", default=[], help="overrides added to every run")
@@ -109,15 +112,18 @@ def last_step(rows: list[dict[str, str]]) -> int:
 
 
 def run_summary(run_dir: Path, max_epochs: int) -> dict:
-    """What a fine-tune used and how it ended, from its CSV log: the optimizer steps and epochs it ran, the epoch of
-    its best validation loss (the checkpoint tested), and whether early stopping or the epoch cap ended it."""
+    """What a fine-tune used and how it ended, from its CSV log: the optimizer steps and epochs it ran, the epochs in
+    a validation round (fmlab/callbacks/validation_rounds.py), the epoch of its best validation loss (the checkpoint
+    tested), and whether early stopping or the cap (`max_epochs` rounds) ended it."""
     rows = csv_rows(run_dir)
     val = [(int(r["epoch"]), float(r["val/loss"])) for r in rows if r.get("val/loss")]
     steps = last_step(rows)
     epochs = max(e for e, _ in val) + 1
+    validated = sorted({e for e, _ in val})
+    per_round = validated[-1] - validated[-2] if len(validated) > 1 else validated[-1] + 1
     best_epoch, best_loss = min(val, key=lambda v: v[1])
-    return {"steps": steps, "epochs": epochs, "best_epoch": best_epoch + 1, "val/loss": best_loss,
-            "stopped": "cap" if epochs >= max_epochs else "early"}
+    return {"steps": steps, "epochs": epochs, "epochs_per_round": per_round, "best_epoch": best_epoch + 1,
+            "val/loss": best_loss, "stopped": "cap" if epochs >= max_epochs * per_round else "early"}
 
 
 def pretrain_summary(run_dir: Path) -> dict:
@@ -235,7 +241,8 @@ def report(study: Study, modality: str, baseline: str, stem: str, title: str) ->
             out.append(f"| {b} | {size} | {base_cell} | " + " | ".join(row) + " |")
         out.append("")
     out += ["**cost per run (mean over seeds): minutes (wall, one core), optimizer steps, epochs run (best epoch), "
-            "stopped by early stopping or the epoch cap, the grid point chosen at the first seed**", "",
+            "epochs per validation round (where more than one), stopped by early stopping or the cap, the grid point "
+            "chosen at the first seed**", "",
             "| labels | " + " | ".join(arms) + " |", "|---|" + "---|" * len(arms)]
     for b in budgets:
         row = []
@@ -246,8 +253,10 @@ def report(study: Study, modality: str, baseline: str, stem: str, title: str) ->
                 continue
             stops = ",".join(sorted({r["stopped"] for r in runs}))
             mean = {k: np.mean([r[k] for r in runs]) for k in ("minutes", "steps", "epochs", "best_epoch")}
+            per_round = sorted({r.get("epochs_per_round", 1) for r in runs})
+            rounds = f" in rounds of {'/'.join(map(str, per_round))}" if per_round != [1] else ""
             row.append(f"{mean['minutes']:.1f} min, {mean['steps']:.0f} steps, {mean['epochs']:.0f} "
-                       f"({mean['best_epoch']:.0f}) ep, {stops}, {hp_tag(runs[0]['hp'])}")
+                       f"({mean['best_epoch']:.0f}) ep{rounds}, {stops}, {hp_tag(runs[0]['hp'])}")
         out.append(f"| {b} | " + " | ".join(row) + " |")
     grid_minutes = sum(r["minutes"] for r in study.results["runs"].values())
     out += ["", f"All {len(study.results['runs'])} fine-tunes, grid points included: {grid_minutes:.0f} core-minutes."]

@@ -5,8 +5,9 @@
 
 1. The labeled BBC News split (seeded, stratified: 70 % train / 10 % val / 20 % test, fixed across seeds) gives the
    pre-training corpus: the training texts alone (never a validation or test article), masked LM with 40 % masking.
-2. Arms, each fine-tuned with `stage=finetune` (epochs until the validation loss has not improved for --patience
-   epochs, at most --max-epochs; the best checkpoint tested on all 426 test articles):
+2. Arms, each fine-tuned with `stage=finetune` (validation rounds of one epoch, or of the fewest epochs that hold 20
+   optimizer steps at few labels, until the validation loss has not improved for --patience rounds, at most
+   --max-epochs rounds; the best checkpoint tested on all 426 test articles):
    - scratch: BERT (4 layers, width 256) from random weights;
    - bert_mlm: the same BERT from our masked-LM checkpoint;
    - minilm: all-MiniLM-L6-v2 (22.7 M parameters, pre-trained elsewhere on a billion sentence pairs), shipped

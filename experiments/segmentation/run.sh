@@ -26,7 +26,9 @@ for seed in $SEEDS; do
     # epochs scale with the masks: 1 % is one step an epoch, 10 % six
     if [ "$fraction" = 0.01 ]; then budget=(trainer.max_epochs=200 callbacks.early_stopping.patience=40)
     else budget=(trainer.max_epochs=60 callbacks.early_stopping.patience=15); fi
-    common=(stage=finetune task=segmentation data.label_fraction=$fraction seed=$seed "${budget[@]}")
+    # the recorded runs count plain epochs (one step at 1 %), before validation rounds of 20 steps were the default
+    common=(stage=finetune task=segmentation data.label_fraction=$fraction seed=$seed "${budget[@]}"
+            callbacks.validation_rounds.min_steps=1)
     run() {  # arm, options
       local arm=$1; shift
       [ -f "$OUT/$arm-f$fraction-s$seed/test_metrics.json" ] || $PY train.py "$@" "${common[@]}" \

@@ -37,7 +37,8 @@ PRETRAIN = {"vit_simclr": ["model=vit", "stage=pretrain", "task=simclr"], "vit_m
 
 def finetune_overrides(arm: str, fraction: float, seed: int, pretrained: dict[str, Path], epochs: int) -> list[str]:
     family = arm.split("_")[0]
-    out = [f"model={family}", "stage=finetune", f"seed={seed}", f"trainer.max_epochs={epochs}"]
+    out = [f"model={family}", "stage=finetune", f"seed={seed}", f"trainer.max_epochs={epochs}",
+           "callbacks.validation_rounds.min_steps=1"]  # the recorded runs count plain epochs, before validation rounds
     if fraction < 1:
         out.append(f"data.label_fraction={fraction}")
     if arm in pretrained:
