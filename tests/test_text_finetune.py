@@ -215,3 +215,19 @@ def test_few_label_epochs_count_in_rounds_of_min_steps(root: Path, min_steps: in
     validated_at = [int(r["step"]) + 1 for r in rows if r.get("val/loss")]
     assert validated_at == [steps // 2, steps], rows
     assert max(int(r["step"]) for r in rows if r.get("train/loss")) == steps - 1
+
+
+@pytest.mark.parametrize("check_on_train_epoch_end", ["false", "null"])
+def test_patience_counts_rounds(root: Path, check_on_train_epoch_end: str) -> None:
+    """Nothing improves at lr 0: patience 1 stops after the second round (12 steps), not in the seventh epoch, also
+    when Lightning chooses when to check (null: it decides before the rounds are known)."""
+    run = root / f"patience-{check_on_train_epoch_end}"
+    tiny = [o for o in TINY_BERT if not o.startswith("callbacks=")]
+    train(compose_config([
+        *tiny, "callbacks=[model_checkpoint,early_stopping]", "stage=finetune", f"data.source={root / 'labeled.csv'}",
+        f"paths.cache_dir={root / 'cache'}", "data.labels_per_class=1", "trainer.max_steps=-1", "trainer.max_epochs=5",
+        "trainer.val_check_interval=1.0", "validate_before_fit=false", "task.optimizer.lr=0",
+        "callbacks.validation_rounds.min_steps=6", "callbacks.early_stopping.patience=1",
+        f"callbacks.early_stopping.check_on_train_epoch_end={check_on_train_epoch_end}"], run))
+    rows = read_metrics(run)
+    assert max(int(r["step"]) for r in rows if r.get("train/loss")) + 1 == 12, rows

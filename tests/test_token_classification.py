@@ -15,6 +15,7 @@ from tokenizers import Tokenizer
 from fmlab.data.sources import DataError
 from fmlab.data.token_tags import TokenTagsDataModule, read_conll, read_tagged, retag, wnut16_file
 from fmlab.data.tokenizer import load_tokenizer, train_bpe
+from fmlab.errors import UserError
 from fmlab.tags import IGNORE, entities
 from fmlab.tasks.entity_metrics import EntityScores
 from fmlab.training import train
@@ -190,6 +191,12 @@ def test_label_names_cover_the_scheme_and_the_split_is_seeded(root: Path) -> Non
     assert sum(dm.meta["sentences"].values()) == 240 and dm.meta["sentences"]["test"] == 48
     few = data_module(root, None, scheme="bioes", seed=5, label_fraction=0.1)
     assert len(few.datasets["train"]) == pytest.approx(0.1 * len(dm.datasets["train"]), abs=2)
+    n_val = len(dm.datasets["val"])
+    assert len(few.datasets["val"]) < n_val / 2, "the validation split is drawn at the training labels' budget"
+    assert len(data_module(root, None, scheme="bioes", seed=5, label_fraction=0.1, val_labels="all")
+               .datasets["val"]) == n_val
+    with pytest.raises(UserError, match="data.val_labels=some"):
+        data_module(root, None, scheme="bioes", seed=5, label_fraction=0.1, val_labels="some")
 
 
 # ---- training --------------------------------------------------------------------------------------------------

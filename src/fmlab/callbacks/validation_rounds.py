@@ -50,6 +50,9 @@ class ValidationRounds(L.Callback):
         if rounds == 1 or self.epochs_per_round == rounds:
             return
         self.epochs_per_round = rounds
+        for stopper in trainer.early_stopping_callbacks:  # count validations: a round is not an epoch
+            if getattr(stopper, "_check_on_train_epoch_end", False):
+                stopper._check_on_train_epoch_end = False
         trainer.check_val_every_n_epoch *= rounds
         trainer.fit_loop.max_epochs = trainer.max_epochs * rounds
         if trainer.fit_loop.min_epochs:

@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 
 from fmlab.data.base import CachedDataModule, DataInfo
 from fmlab.data.labeled_text import PaddedSplits, add_template
-from fmlab.data.sampling import complete_splits, few_label_indices
+from fmlab.data.sampling import VAL_LABELS, complete_splits, few_label_indices, few_label_val_indices
 from fmlab.data.sources import (
     SPLIT_NAMES,
     DataError,
@@ -244,7 +244,8 @@ class TokenTagsDataModule(PaddedSplits, TokenizerSource, CachedDataModule):
     first entity type. `scheme`: the tags the model learns (bio or bioes; the source's are rewritten, IOB1 too).
     `label_all_tokens`: tag every sub-token of a word (later ones inside its entity) instead of the first only;
     the metrics read first sub-tokens either way. `label_fraction` / `labels_per_class` keep few training
-    sentences (stratified as the split). `tokenizer`: as for labeled text (None trains a BPE on the training split).
+    sentences (stratified as the split), and validation sentences drawn the same way unless `val_labels=all`.
+    `tokenizer`: as for labeled text (None trains a BPE on the training split).
     """
 
     cache_prefix, cache_title = "tags", "tagged-data"
@@ -265,6 +266,7 @@ class TokenTagsDataModule(PaddedSplits, TokenizerSource, CachedDataModule):
         test_fraction: float = 0.2,
         label_fraction: float | None = None,
         labels_per_class: int | None = None,
+        val_labels: str = "matched",
         seed: int = 1234,
         label_seed: int | None = None,
         batch_size: int = 16,
@@ -273,6 +275,7 @@ class TokenTagsDataModule(PaddedSplits, TokenizerSource, CachedDataModule):
     ) -> None:
         super().__init__(cache_dir=cache_dir, batch_size=batch_size, num_workers=num_workers, seed=seed)
         check_choice("data.scheme", scheme, SCHEMES)
+        check_choice("data.val_labels", val_labels, VAL_LABELS)
         if not isinstance(label_all_tokens, bool):
             raise DataError(f"data.label_all_tokens={label_all_tokens}: choose true or false")
         check_count("data.max_length", max_length)
@@ -281,6 +284,7 @@ class TokenTagsDataModule(PaddedSplits, TokenizerSource, CachedDataModule):
         self.vocab_size_wanted, self.max_length, self.template = vocab_size, max_length, template
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
         self.label_fraction, self.labels_per_class = label_fraction, labels_per_class
+        self.val_labels = val_labels
         self.label_seed = seed if label_seed is None else label_seed
         self.tokenizer: Tokenizer | None = None
         self.meta: dict = {}
@@ -379,15 +383,16 @@ class TokenTagsDataModule(PaddedSplits, TokenizerSource, CachedDataModule):
 
     def load(self, folder: Path, meta: dict) -> None:
         arrays = {s: dict(np.load(folder / f"{s}.npz")) for s in SPLITS}
-        strata = arrays["train"].pop("strata")
-        keep = few_label_indices(strata, self.label_fraction, self.labels_per_class, self.label_seed)
-        for s in ("val", "test"):
-            arrays[s].pop("strata")
+        strata = {s: arrays[s].pop("strata") for s in SPLITS}
+        keep = few_label_indices(strata["train"], self.label_fraction, self.labels_per_class, self.label_seed)
+        val_keep = few_label_val_indices(strata["val"], self.label_fraction, self.labels_per_class, self.label_seed,
+                                         self.val_labels)
         self.meta, self.tokenizer = meta, Tokenizer.from_file(str(folder / "tokenizer.json"))
-        self.datasets = {"train": TaggedExamples(arrays["train"], keep), "val": TaggedExamples(arrays["val"]),
-                         "test": TaggedExamples(arrays["test"])}
-        if len(keep) < len(strata):
-            log.info("Few labels: training on %d of %d tagged sentences", len(keep), len(strata))
+        self.datasets = {"train": TaggedExamples(arrays["train"], keep),
+                         "val": TaggedExamples(arrays["val"], val_keep), "test": TaggedExamples(arrays["test"])}
+        if len(keep) < len(strata["train"]):
+            log.info("Few labels: training on %d of %d tagged sentences, validating on %d of %d", len(keep),
+                     len(strata["train"]), len(val_keep), len(strata["val"]))
 
     def describe(self) -> DataInfo:
         self.setup()
