@@ -188,6 +188,13 @@ def test_a_run_summary_says_how_long_it_trained_and_how_it_stopped(tmp_path: Pat
     assert run_summary(tmp_path / "rounds_cap", max_epochs=10)["stopped"] == "cap"
 
 
+def test_cells_from_before_validation_rounds_are_marked() -> None:
+    from common import PLAIN_EPOCHS, plain_epochs
+
+    assert plain_epochs([{"epochs_per_round": 1}, {"epochs_per_round": 20}]) == ""
+    assert PLAIN_EPOCHS in plain_epochs([{"epochs_per_round": 1}, {"steps": 17}])
+
+
 def test_the_grid_point_kept_is_the_lowest_validation_loss_at_the_first_seed(tmp_path: Path) -> None:
     from common import Study, parser
 

@@ -221,6 +221,14 @@ def classic_runs(modality: str) -> dict[str, list[dict]]:
     return out
 
 
+PLAIN_EPOCHS = "†"
+
+
+def plain_epochs(runs: list[dict]) -> str:
+    """A mark for a cell with runs from before validation rounds (their records lack `epochs_per_round`)."""
+    return f" {PLAIN_EPOCHS}" if any("epochs_per_round" not in r for r in runs) else ""
+
+
 def report(study: Study, modality: str, baseline: str, stem: str, title: str) -> str:
     """Accuracy and macro F1 tables (mean ± sample std over seeds) with the classic baseline as the first column,
     a cost table (minutes, epochs, how each run stopped, the chosen grid point), and accuracy vs labels as a PNG."""
@@ -233,8 +241,8 @@ def report(study: Study, modality: str, baseline: str, stem: str, title: str) ->
         out += [f"**{name} (%)**", "", f"| labels | train / val examples | {baseline} | " + " | ".join(arms) + " |",
                 "|---|---|---|" + "---|" * len(arms)]
         for b in budgets:
-            row = [spread(np.array([r[metric] for r in runs]) * 100) + f" (n={len(runs)})" if (runs := cells[(a, b)])
-                   else "–" for a in arms]
+            row = [spread(np.array([r[metric] for r in runs]) * 100) + f" (n={len(runs)}){plain_epochs(runs)}"
+                   if (runs := cells[(a, b)]) else "–" for a in arms]
             base = classic.get(b)
             base_cell = spread(np.array([r[metric] for r in base]) * 100) + f" (n={len(base)})" if base else "–"
             size = f"{sizes[b]['train']} / {sizes[b]['val']}" if b in sizes else "?"
@@ -260,6 +268,9 @@ def report(study: Study, modality: str, baseline: str, stem: str, title: str) ->
         out.append(f"| {b} | " + " | ".join(row) + " |")
     grid_minutes = sum(r["minutes"] for r in study.results["runs"].values())
     out += ["", f"All {len(study.results['runs'])} fine-tunes, grid points included: {grid_minutes:.0f} core-minutes."]
+    if any(plain_epochs(runs) for runs in cells.values()):
+        out += ["", f"{PLAIN_EPOCHS} counted in plain epochs: run before validation rounds were the default, with "
+                "fewer than 20 steps an epoch (fmlab/callbacks/validation_rounds.py)."]
     text = "\n".join(out) + "\n"
     (HERE / f"{stem}.md").write_text(text)
     plot(cells, classic, sizes, arms, budgets, baseline, HERE / f"{stem}.png", title)
