@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from fmlab import training
+from fmlab.cli import root_cause
 from fmlab.data.sources import read_bbc_news
 from fmlab.data.tokenizer import train_bpe
 from fmlab.errors import UserError
@@ -231,3 +232,14 @@ def test_patience_counts_rounds(root: Path, check_on_train_epoch_end: str) -> No
         f"callbacks.early_stopping.check_on_train_epoch_end={check_on_train_epoch_end}"], run))
     rows = read_metrics(run)
     assert max(int(r["step"]) for r in rows if r.get("train/loss")) + 1 == 12, rows
+
+
+def test_a_bad_callback_option_stops_the_run_before_the_data_is_read(root: Path, monkeypatch) -> None:
+    def read_data(*args, **kwargs):
+        raise AssertionError("the data module was built before the callbacks checked their options")
+
+    monkeypatch.setattr(training, "build_datamodule", read_data)
+    with pytest.raises(Exception) as raised:  # Hydra wraps it; the command line prints the root cause
+        train(finetune_config(root, "bad-rounds", "callbacks.validation_rounds.min_steps=0"))
+    cause = root_cause(raised.value)
+    assert isinstance(cause, UserError) and "callbacks.validation_rounds.min_steps=0: must be a whole" in str(cause)

@@ -194,6 +194,7 @@ def train(cfg: DictConfig) -> float:
     rank_zero_print(f"Run folder: {run_dir}")
     L.seed_everything(cfg.seed, workers=True)
     ckpt_path = resolve_ckpt_path(cfg)  # ckpt_path=<file>, or resume=auto / ckpt_path=last
+    callbacks = instantiate_list(cfg.get("callbacks"), "callback")  # cheap, and they check their own options
 
     pretrained = run_pretrained(cfg)
     datamodule = build_datamodule(cfg, pretrained)
@@ -204,7 +205,6 @@ def train(cfg: DictConfig) -> float:
     task.extra_state.update(data=data_config(cfg), precision=str(cfg.trainer.precision))
     if cfg.get("compile"):
         task.model.compile()  # in place: state-dict keys and checkpoints stay those of the plain model
-    callbacks = instantiate_list(cfg.get("callbacks"), "callback")
     loggers = instantiate_list(resume_logger_runs(cfg, ckpt_path), "logger")  # continue the checkpoint's W&B run
     trainer = build_trainer(cfg, callbacks, loggers)
 
