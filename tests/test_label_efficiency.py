@@ -5,6 +5,7 @@ logistic regression) on exactly the samples a run trains and tests on."""
 from __future__ import annotations
 
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -207,3 +208,21 @@ def test_the_grid_point_kept_is_the_lowest_validation_loss_at_the_first_seed(tmp
     assert study.chosen("arm", "1%") == {"lr": 1e-2}, "seed 1 does not choose"
     assert [r["seed"] for r in study.table_runs()[("arm", "1%")]] == [0], "the table averages the chosen point only"
     assert study.chosen("arm", "10%") is None
+
+
+def test_a_budget_that_reuses_a_grid_point_trains_every_seed_at_once(tmp_path: Path) -> None:
+    """No grid to choose from at 10 %: its seeds need not wait for the first one (two jobs meet at a barrier)."""
+    from common import Study, parser
+
+    args = parser("", labels=["10%"], seeds_all_labels=[0]).parse_args(["--seeds", "0", "1", "--jobs", "2"])
+    study = Study(tmp_path / "results.json", tmp_path, {"arm": [{"lr": 1e-3}, {"lr": 1e-2}]}, lambda *a: [], args)
+    study.results["runs"]["1pct"] = {"arm": "arm", "labels": "1%", "seed": 0, "hp": {"lr": 1e-2}, "val/loss": 0.4}
+    together, trained = threading.Barrier(2, timeout=10), []
+
+    def fine_tune(arm: str, labels: str, seed: int, hp: dict) -> None:
+        together.wait()
+        trained.append((labels, seed, hp["lr"]))
+
+    study.fine_tune = fine_tune
+    study.run(grid_from={"10%": "1%"})
+    assert sorted(trained) == [("10%", 0, 1e-2), ("10%", 1, 1e-2)]

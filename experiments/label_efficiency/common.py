@@ -185,18 +185,19 @@ class Study:
 
     def run(self, grid_from: dict[str, str] | None = None) -> None:
         """Every label budget in order: the grid at the first seed for every arm, then the other seeds. A budget in
-        `grid_from` reuses the point chosen at another budget instead of searching its own grid."""
+        `grid_from` reuses the point chosen at another budget instead of searching its own grid, so all its seeds
+        train at once."""
         grid_from = grid_from or {}
         with ThreadPoolExecutor(max_workers=self.args.jobs) as pool:
             for labels in self.args.labels:
-                first, *rest = self.seeds(labels)
-                jobs = []
-                for arm, grid in self.arms.items():
-                    source = grid_from.get(labels)
-                    points = [self.chosen(arm, source)] if source else grid
-                    jobs += [(arm, labels, first, hp) for hp in points if hp is not None]
+                seeds = self.seeds(labels)
+                if source := grid_from.get(labels):  # no grid to wait for: every seed at once
+                    jobs = [(arm, labels, seed, self.chosen(arm, source)) for arm in self.arms for seed in seeds]
+                    list(pool.map(lambda job: self.fine_tune(*job), [job for job in jobs if job[3] is not None]))
+                    continue
+                jobs = [(arm, labels, seeds[0], hp) for arm, grid in self.arms.items() for hp in grid]
                 list(pool.map(lambda job: self.fine_tune(*job), jobs))
-                jobs = [(arm, labels, seed, self.chosen(arm, labels)) for arm in self.arms for seed in rest]
+                jobs = [(arm, labels, seed, self.chosen(arm, labels)) for arm in self.arms for seed in seeds[1:]]
                 list(pool.map(lambda job: self.fine_tune(*job), jobs))
 
     def table_runs(self) -> dict[tuple[str, str], list[dict]]:
