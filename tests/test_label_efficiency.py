@@ -226,3 +226,10 @@ def test_a_budget_that_reuses_a_grid_point_trains_every_seed_at_once(tmp_path: P
     study.fine_tune = fine_tune
     study.run(grid_from={"10%": "1%"})
     assert sorted(trained) == [("10%", 0, 1e-2), ("10%", 1, 1e-2)]
+
+
+def test_the_cost_table_counts_how_the_seeds_stopped() -> None:
+    from common import how_stopped
+
+    assert how_stopped([{"stopped": "early"}] * 3) == "early"
+    assert how_stopped([{"stopped": "early"}, {"stopped": "cap"}, {"stopped": "early"}]) == "2 early, 1 cap"

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -225,6 +226,12 @@ def classic_runs(modality: str) -> dict[str, list[dict]]:
 PLAIN_EPOCHS = "†"
 
 
+def how_stopped(runs: list[dict]) -> str:
+    """"early" or "cap" where every seed stopped alike, else the count of each ("2 early, 1 cap")."""
+    counts = sorted(Counter(r["stopped"] for r in runs).items(), reverse=True)
+    return counts[0][0] if len(counts) == 1 else ", ".join(f"{n} {how}" for how, n in counts)
+
+
 def plain_epochs(runs: list[dict]) -> str:
     """A mark for a cell with runs from before validation rounds (their records lack `epochs_per_round`)."""
     return f" {PLAIN_EPOCHS}" if any("epochs_per_round" not in r for r in runs) else ""
@@ -260,7 +267,7 @@ def report(study: Study, modality: str, baseline: str, stem: str, title: str) ->
             if not runs:
                 row.append("–")
                 continue
-            stops = ",".join(sorted({r["stopped"] for r in runs}))
+            stops = how_stopped(runs)
             mean = {k: np.mean([r[k] for r in runs]) for k in ("minutes", "steps", "epochs", "best_epoch")}
             per_round = sorted({r.get("epochs_per_round", 1) for r in runs})
             rounds = f" in rounds of {'/'.join(map(str, per_round))}" if per_round != [1] else ""
