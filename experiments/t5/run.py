@@ -22,8 +22,11 @@ import argparse
 import csv
 import json
 import random
+import re
 import sys
 import time
+from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -79,6 +82,17 @@ def prepare(folder: Path, translation_train: int) -> None:
           f"{len(bbc['train'])} / {len(bbc['val'])} / {len(bbc['test'])} pairs", flush=True)
 
 
+def record(results: dict, key: str, value: dict, run: str | None = None) -> None:
+    """Store one result in results.json, merged into what is on disk: two drivers (one pre-training, one fine-tuning
+    the scratch arm) can share the file without either overwriting the other's rows."""
+    on_disk = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {"runs": {}}
+    if run is None:
+        on_disk[key] = results[key] = value
+    else:
+        on_disk.setdefault(key, {})[run] = results.setdefault(key, {})[run] = value
+    RESULTS.write_text(json.dumps(on_disk, indent=2))
+
+
 def history(run_dir: Path) -> tuple[list[float], int]:
     """val/loss per validation and the last training step, from the run's CSV log."""
     with open(run_dir / "csv" / "metrics.csv") as f:
@@ -107,9 +121,58 @@ def finetune(results: dict, task: str, arm: str, seed: int, args: argparse.Names
     row = {"task": task, "arm": arm, "seed": seed, "seconds": round(time.perf_counter() - start), "steps": steps,
            "epochs": len(losses), "best_val_loss": min(losses), "best_epoch": int(np.argmin(losses)) + 1,
            **{k: v for k, v in report["metrics"].items() if k.startswith("test/")}}
-    results["runs"][name] = row
-    RESULTS.write_text(json.dumps(results, indent=2))
+    record(results, "runs", row, run=name)
     return row
+
+
+def read_pairs(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def words(text: str) -> list[str]:
+    return re.findall(r"\w+|[^\w\s]", text)
+
+
+def word_for_word(train_pairs: list[dict]) -> Callable[[str], str]:
+    """A dictionary translator: each source word becomes the target word that co-occurs with it most (Dice
+    coefficient over the training pairs' word sets); unseen words are copied."""
+    source_count, target_count, joint = Counter(), Counter(), Counter()
+    for pair in train_pairs:
+        s, t = set(words(pair["source"])), set(words(pair["target"]))
+        source_count.update(s)
+        target_count.update(t)
+        joint.update((a, b) for a in s for b in t)
+    best: dict[str, tuple[float, str]] = {}
+    for (a, b), n in joint.items():
+        dice = 2 * n / (source_count[a] + target_count[b])
+        if dice > best.get(a, (0.0, ""))[0]:
+            best[a] = (dice, b)
+    return lambda text: " ".join(best.get(w, (0.0, w))[1] for w in words(text))
+
+
+def baselines(folder: Path) -> dict[str, dict[str, dict[str, float]]]:
+    """Classic baselines on the same test splits, scored by the same metrics as the fine-tunes: for translation the
+    source copied and a word-for-word Dice dictionary from the training pairs; for headlines the article's first
+    words (lead), as many as the median training headline has."""
+    from fmlab.tasks.text_metrics import generation_metrics
+
+    def score(predictions: list[str], references: list[str]) -> dict[str, float]:
+        metrics = generation_metrics("test")
+        metrics.update(predictions, references)
+        return {k: float(v) for k, v in metrics.compute().items()}
+
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    train_pairs = read_pairs(folder / "translation" / "train.jsonl")
+    test = read_pairs(folder / "translation" / "test.jsonl")
+    translate, refs = word_for_word(train_pairs), [p["target"] for p in test]
+    out["translation"] = {"copy source": score([p["source"] for p in test], refs),
+                          "word for word": score([translate(p["source"]) for p in test], refs)}
+    train_pairs = read_pairs(folder / "summarisation" / "train.jsonl")
+    test = read_pairs(folder / "summarisation" / "test.jsonl")
+    n = int(np.median([len(p["target"].split()) for p in train_pairs]))
+    out["summarisation"] = {f"lead ({n} words)": score([" ".join(p["source"].split()[:n]) for p in test],
+                                                       [p["target"] for p in test])}
+    return out
 
 
 def mean_std(values: list[float]) -> str:
@@ -140,19 +203,21 @@ def table(results: dict) -> str:
             lines.append(f"| {arm} | {cells} | {mean_std([r['best_val_loss'] for r in rs])} | {epochs} | "
                          f"{np.mean([r['steps'] for r in rs]):.0f} | {np.mean([r['seconds'] for r in rs]) / 60:.1f}"
                          f" | {len(rs)} |")
+        for name, scores in results.get("baselines", {}).get(task, {}).items():
+            lines.append(f"| {name} | " + " | ".join(f"{scores[k]:.1f}" for k in keys) + " | | | | | |")
         lines.append("")
     return "\n".join(lines)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--pretrain-steps", type=int, default=400)
+    p.add_argument("--pretrain-steps", type=int, default=1500)
     p.add_argument("--translation-train", type=int, default=4000, help="training verse pairs of the fine-tune")
     p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     p.add_argument("--arms", nargs="+", default=ARMS, choices=ARMS)
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--max-epochs", type=int, default=3)
+    p.add_argument("--max-epochs", type=int, default=30)
     p.add_argument("--patience", type=int, default=2)
     p.add_argument("--pretrain-only", action="store_true")
     p.add_argument("--report-only", action="store_true")
@@ -171,15 +236,15 @@ def main() -> None:
                 f"trainer.val_check_interval={max(1, args.pretrain_steps // 4)}", *args.extra,
             ])
             losses, steps = history(run_dir)
-            results["pretrain"] = {"steps": steps, "minutes": (time.perf_counter() - start) / 60,
-                                   "val_loss_first": losses[0], "val_loss_last": losses[-1]}
-            RESULTS.write_text(json.dumps(results, indent=2))
+            record(results, "pretrain", {"steps": steps, "minutes": (time.perf_counter() - start) / 60,
+                                         "val_loss_first": losses[0], "val_loss_last": losses[-1]})
+        record(results, "baselines", baselines(RUNS / "data"))
         if not args.pretrain_only:
             for task in args.tasks:
                 for arm in args.arms:
                     for seed in args.seeds:
                         finetune(results, task, arm, seed, args)
-    text = table(results)
+    text = table(json.loads(RESULTS.read_text()) if RESULTS.is_file() else results)  # with the other driver's rows
     (HERE / "results.md").write_text(text)
     print(text)
 
