@@ -13,7 +13,9 @@ T5-mini from random weights, on English -> Spanish Bible verses (BLEU, chrF) and
    `--pretrain-steps` steps of 32 windows of 256 tokens; its BPE (8,192 pieces + 100 sentinels) is the fine-tunes'.
 3. Fine-tuning: every arm up to `--max-epochs` epochs with early stopping on val/loss (`--patience`), the best
    checkpoint tested with greedy decoding. The scratch arm trains its own BPE on its training pairs.
-4. results.json keeps every run (a rerun skips finished ones); results.md gets the table.
+4. Baselines on the same test splits, scored by the same metrics: the source copied and a word-for-word Dice
+   dictionary from the training pairs (translation); the article's first words (headlines).
+5. results.json keeps every run (a rerun skips finished ones); results.md gets the table.
 """
 
 from __future__ import annotations
