@@ -240,7 +240,8 @@ def main() -> None:
             losses, steps = history(run_dir)
             record(results, "pretrain", {"steps": steps, "minutes": (time.perf_counter() - start) / 60,
                                          "val_loss_first": losses[0], "val_loss_last": losses[-1]})
-        record(results, "baselines", baselines(RUNS / "data"))
+        if "baselines" not in results:  # computed once, as the data folder is prepared once
+            record(results, "baselines", baselines(RUNS / "data"))
         if not args.pretrain_only:
             for task in args.tasks:
                 for arm in args.arms:
