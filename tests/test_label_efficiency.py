@@ -4,6 +4,7 @@ logistic regression) on exactly the samples a run trains and tests on."""
 
 from __future__ import annotations
 
+import json
 import sys
 import threading
 from pathlib import Path
@@ -233,3 +234,20 @@ def test_the_cost_table_counts_how_the_seeds_stopped() -> None:
 
     assert how_stopped([{"stopped": "early"}] * 3) == "early"
     assert how_stopped([{"stopped": "early"}, {"stopped": "cap"}, {"stopped": "early"}]) == "2 early, 1 cap"
+
+
+def test_two_drivers_sharing_a_results_file_keep_each_others_runs(tmp_path: Path) -> None:
+    """One driver per arm (e.g. `--arms scratch` beside `--arms simclr`): each save merges into the file on disk."""
+    from common import Study, parser
+
+    args = parser("", labels=["1%"], seeds_all_labels=[0]).parse_args([])
+    path, arms = tmp_path / "results.json", {"scratch": [{"lr": 1e-3}], "simclr": [{"lr": 1e-3}]}
+    first, second = (Study(path, tmp_path, arms, lambda *a: [], args) for _ in range(2))  # both read an empty file
+    first.results["runs"]["scratch-run"] = {"arm": "scratch"}
+    first.save()
+    second.results["pretrain"]["simclr"] = {"steps": 10}
+    second.results["runs"]["simclr-run"] = {"arm": "simclr"}
+    second.save()
+    on_disk = json.loads(path.read_text())
+    assert set(on_disk["runs"]) == {"scratch-run", "simclr-run"}
+    assert on_disk["pretrain"] == {"simclr": {"steps": 10}}

@@ -151,7 +151,15 @@ class Study:
         self.lock = threading.Lock()
 
     def save(self) -> None:
-        self.path.write_text(json.dumps(self.results, indent=2))
+        """Write the results merged into what is on disk, so that two drivers (e.g. one per arm) can share the file."""
+        if self.path.is_file():
+            disk = json.loads(self.path.read_text())
+            self.results = {**disk, **self.results,
+                            "pretrain": {**disk.get("pretrain", {}), **self.results["pretrain"]},
+                            "runs": {**disk.get("runs", {}), **self.results["runs"]}}
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.results, indent=2))
+        tmp.replace(self.path)
 
     def fine_tune(self, arm: str, labels: str, seed: int, hp: dict) -> dict:
         name = f"{arm}-{labels.replace('/', 'per').replace('%', 'pct')}-s{seed}-{hp_tag(hp)}"

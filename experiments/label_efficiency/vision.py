@@ -43,12 +43,13 @@ def main() -> None:
 
     study = Study(RESULTS, RUNS, ARMS, overrides, args)
     if not args.report_only:
-        if not (pretrained / "checkpoints" / "last.ckpt").is_file():
-            train(RUNS, "simclr_pretrain", [
-                "model=vit", "stage=pretrain", "task=simclr", f"trainer.max_steps={args.pretrain_steps}",
-                f"trainer.val_check_interval={max(1, args.pretrain_steps // 5)}", *args.extra])
-        study.results["pretrain"]["simclr"] = pretrain_summary(pretrained)
-        study.save()
+        if "simclr" in study.arms:  # only the arm that needs it pre-trains (a scratch-only driver can run beside)
+            if not (pretrained / "checkpoints" / "last.ckpt").is_file():
+                train(RUNS, "simclr_pretrain", [
+                    "model=vit", "stage=pretrain", "task=simclr", f"trainer.max_steps={args.pretrain_steps}",
+                    f"trainer.val_check_interval={max(1, args.pretrain_steps // 5)}", *args.extra])
+            study.results["pretrain"]["simclr"] = pretrain_summary(pretrained)
+            study.save()
         study.run(grid_from={"100%": "10%"})
     title = "Fashion-MNIST: fmlab ViT arms vs pixel logistic regression"
     print(report(study, "vision", "pixels + LR", "vision", title))
