@@ -21,7 +21,6 @@ T5-mini from random weights, on English -> Spanish Bible verses (BLEU, chrF) and
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import random
 import re
@@ -34,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "label_efficiency"))
-from common import ROOT, train  # noqa: E402  (the run-train.py helper the experiment drivers share)
+from common import ROOT, csv_rows, train  # noqa: E402  (the run-train.py helper the experiment drivers share)
 
 HERE = Path(__file__).resolve().parent
 RUNS = ROOT / "outputs" / "experiments" / "t5"
@@ -97,8 +96,7 @@ def record(results: dict, key: str, value: dict, run: str | None = None) -> None
 
 def history(run_dir: Path) -> tuple[list[float], int]:
     """val/loss per validation and the last training step, from the run's CSV log."""
-    with open(run_dir / "csv" / "metrics.csv") as f:
-        rows = list(csv.DictReader(f))
+    rows = csv_rows(run_dir)
     losses = [float(r["val/loss"]) for r in rows if r.get("val/loss")]
     steps = [int(r["step"]) for r in rows if r.get("step")]
     return losses, max(steps, default=0)
