@@ -237,17 +237,19 @@ def test_the_cost_table_counts_how_the_seeds_stopped() -> None:
 
 
 def test_two_drivers_sharing_a_results_file_keep_each_others_runs(tmp_path: Path) -> None:
-    """One driver per arm (e.g. `--arms scratch` beside `--arms simclr`): each save merges into the file on disk."""
+    """One driver per arm (e.g. `--arms scratch` beside `--arms simclr`): each records into the file on disk, and a
+    driver's stale copy of what the other rewrote (a re-run pre-training) does not overwrite the fresh one."""
     from common import Study, parser
 
     args = parser("", labels=["1%"], seeds_all_labels=[0]).parse_args([])
     path, arms = tmp_path / "results.json", {"scratch": [{"lr": 1e-3}], "simclr": [{"lr": 1e-3}]}
-    first, second = (Study(path, tmp_path, arms, lambda *a: [], args) for _ in range(2))  # both read an empty file
-    first.results["runs"]["scratch-run"] = {"arm": "scratch"}
-    first.save()
-    second.results["pretrain"]["simclr"] = {"steps": 10}
-    second.results["runs"]["simclr-run"] = {"arm": "simclr"}
-    second.save()
+    path.write_text(json.dumps({"pretrain": {"simclr": {"minutes": 12.9}}, "runs": {}}))
+    first, second = (Study(path, tmp_path, arms, lambda *a: [], args) for _ in range(2))  # both read the same file
+    second.record("pretrain", "simclr", {"minutes": 12.1})
+    first.record("runs", "scratch-run", {"arm": "scratch"})
+    second.record("runs", "simclr-run", {"arm": "simclr"})
     on_disk = json.loads(path.read_text())
     assert set(on_disk["runs"]) == {"scratch-run", "simclr-run"}
-    assert on_disk["pretrain"] == {"simclr": {"steps": 10}}
+    assert on_disk["pretrain"] == {"simclr": {"minutes": 12.1}}
+    assert second.results == on_disk   # a driver keeps what is on disk, so its report shows the other's runs too
+    assert first.results["pretrain"] == {"simclr": {"minutes": 12.1}}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import json
 from pathlib import Path
 
 import pytest
@@ -40,13 +39,3 @@ def test_the_lead_baseline_scores_the_articles_first_words(driver, tmp_path: Pat
     scores = driver.baselines(tmp_path)
     assert scores["summarisation"]["lead (3 words)"]["test/rouge1"] == pytest.approx(100.0)
     assert scores["translation"]["copy source"]["test/rouge1"] < 100.0
-
-
-def test_two_drivers_sharing_the_results_file_keep_each_others_rows(driver) -> None:
-    first, second = {"runs": {}}, {"runs": {}}   # what each driver read at its start
-    driver.record(first, "pretrain", {"steps": 10})
-    driver.record(second, "runs", {"arm": "scratch"}, run="translation-scratch-s0")
-    driver.record(first, "runs", {"arm": "span_corruption"}, run="translation-span_corruption-s0")
-    on_disk = json.loads(driver.RESULTS.read_text())
-    assert on_disk["pretrain"] == {"steps": 10}
-    assert set(on_disk["runs"]) == {"translation-scratch-s0", "translation-span_corruption-s0"}

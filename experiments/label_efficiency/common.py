@@ -136,6 +136,23 @@ def pretrain_summary(run_dir: Path) -> dict:
     return {"steps": last_step(rows), **last, "minutes": round((end - start) / 60, 1)}
 
 
+def record_result(path: Path, results: dict, section: str, key: str | None, value: object) -> dict:
+    """Write `results[section][key] = value` (`results[section] = value` when key is None) into the JSON file at
+    path, re-read just before: two drivers (e.g. one per arm) can share the file without either overwriting what the
+    other wrote with a stale copy. Returns what is now on disk, which the caller keeps as its results."""
+    on_disk = json.loads(path.read_text()) if path.is_file() else {}
+    for name, kept in results.items():  # what only this driver holds fills gaps; the file wins where both have it
+        on_disk[name] = {**kept, **on_disk.get(name, {})} if isinstance(kept, dict) else on_disk.get(name, kept)
+    if key is None:
+        on_disk[section] = value
+    else:
+        on_disk[section] = {**on_disk.get(section, {}), key: value}
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(on_disk, indent=2))
+    tmp.replace(path)
+    return on_disk
+
+
 class Study:
     """One modality's runs: every arm x label budget x seed, the grid searched at the first seed (the point with
     the lowest best validation loss is kept, and the other seeds train with it), saved after each run."""
@@ -150,16 +167,10 @@ class Study:
         self.results.setdefault("pretrain", {})
         self.lock = threading.Lock()
 
-    def save(self) -> None:
-        """Write the results merged into what is on disk, so that two drivers (e.g. one per arm) can share the file."""
-        if self.path.is_file():
-            disk = json.loads(self.path.read_text())
-            self.results = {**disk, **self.results,
-                            "pretrain": {**disk.get("pretrain", {}), **self.results["pretrain"]},
-                            "runs": {**disk.get("runs", {}), **self.results["runs"]}}
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.results, indent=2))
-        tmp.replace(self.path)
+    def record(self, section: str, key: str, value: dict) -> None:
+        """Store one result (a run or a pre-training summary) in the results file."""
+        with self.lock:
+            self.results = record_result(self.path, self.results, section, key, value)
 
     def fine_tune(self, arm: str, labels: str, seed: int, hp: dict) -> dict:
         name = f"{arm}-{labels.replace('/', 'per').replace('%', 'pct')}-s{seed}-{hp_tag(hp)}"
@@ -175,9 +186,7 @@ class Study:
         run = {"arm": arm, "labels": labels, "seed": seed, "hp": hp,
                "minutes": round((time.perf_counter() - start) / 60, 2), **run_summary(run_dir, self.args.max_epochs),
                "test/acc": metrics["test/acc"], "test/f1": metrics["test/f1"]}
-        with self.lock:
-            self.results["runs"][name] = run
-            self.save()
+        self.record("runs", name, run)
         return run
 
     def chosen(self, arm: str, labels: str) -> dict | None:

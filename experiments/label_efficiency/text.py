@@ -68,8 +68,7 @@ def main() -> None:
                 "model=bert", "stage=pretrain", "data=text_files", f"data.source={corpus}",
                 f"trainer.max_steps={args.pretrain_steps}", f"task.mask_prob={args.mask_prob}",
                 f"trainer.val_check_interval={max(1, args.pretrain_steps // 5)}", *args.extra])
-        study.results["pretrain"]["bert_mlm"] = pretrain_summary(pretrained)
-        study.save()
+        study.record("pretrain", "bert_mlm", pretrain_summary(pretrained))
         study.run(grid_from={"64/class": "10%", "100%": "10%"})
     print(report(study, "text", "TF-IDF + LR", "text", "BBC News topics: fmlab arms vs TF-IDF + logistic regression"))
 

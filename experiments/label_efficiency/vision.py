@@ -48,8 +48,7 @@ def main() -> None:
                 train(RUNS, "simclr_pretrain", [
                     "model=vit", "stage=pretrain", "task=simclr", f"trainer.max_steps={args.pretrain_steps}",
                     f"trainer.val_check_interval={max(1, args.pretrain_steps // 5)}", *args.extra])
-            study.results["pretrain"]["simclr"] = pretrain_summary(pretrained)
-            study.save()
+            study.record("pretrain", "simclr", pretrain_summary(pretrained))
         study.run(grid_from={"100%": "10%"})
     title = "Fashion-MNIST: fmlab ViT arms vs pixel logistic regression"
     print(report(study, "vision", "pixels + LR", "vision", title))

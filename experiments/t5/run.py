@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "label_efficiency"))
-from common import ROOT, csv_rows, train  # noqa: E402  (the run-train.py helper the experiment drivers share)
+from common import ROOT, csv_rows, record_result, train  # noqa: E402  (the run-train.py helper the experiment drivers share)
 
 HERE = Path(__file__).resolve().parent
 RUNS = ROOT / "outputs" / "experiments" / "t5"
@@ -83,17 +83,6 @@ def prepare(folder: Path, translation_train: int) -> None:
           f"{len(bbc['train'])} / {len(bbc['val'])} / {len(bbc['test'])} pairs", flush=True)
 
 
-def record(results: dict, key: str, value: dict, run: str | None = None) -> None:
-    """Store one result in results.json, merged into what is on disk: two drivers (one pre-training, one fine-tuning
-    the scratch arm) can share the file without either overwriting the other's rows."""
-    on_disk = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {"runs": {}}
-    if run is None:
-        on_disk[key] = results[key] = value
-    else:
-        on_disk.setdefault(key, {})[run] = results.setdefault(key, {})[run] = value
-    RESULTS.write_text(json.dumps(on_disk, indent=2))
-
-
 def history(run_dir: Path) -> tuple[list[float], int]:
     """val/loss per validation and the last training step, from the run's CSV log."""
     rows = csv_rows(run_dir)
@@ -121,7 +110,7 @@ def finetune(results: dict, task: str, arm: str, seed: int, args: argparse.Names
     row = {"task": task, "arm": arm, "seed": seed, "seconds": round(time.perf_counter() - start), "steps": steps,
            "epochs": len(losses), "best_val_loss": min(losses), "best_epoch": int(np.argmin(losses)) + 1,
            **{k: v for k, v in report["metrics"].items() if k.startswith("test/")}}
-    record(results, "runs", row, run=name)
+    results.update(record_result(RESULTS, results, "runs", name, row))
     return row
 
 
@@ -236,10 +225,11 @@ def main() -> None:
                 f"trainer.val_check_interval={max(1, args.pretrain_steps // 4)}", *args.extra,
             ])
             losses, steps = history(run_dir)
-            record(results, "pretrain", {"steps": steps, "minutes": (time.perf_counter() - start) / 60,
-                                         "val_loss_first": losses[0], "val_loss_last": losses[-1]})
+            summary = {"steps": steps, "minutes": (time.perf_counter() - start) / 60,
+                       "val_loss_first": losses[0], "val_loss_last": losses[-1]}
+            results.update(record_result(RESULTS, results, "pretrain", None, summary))
         if "baselines" not in results:  # computed once, as the data folder is prepared once
-            record(results, "baselines", baselines(RUNS / "data"))
+            results.update(record_result(RESULTS, results, "baselines", None, baselines(RUNS / "data")))
         if not args.pretrain_only:
             for task in args.tasks:
                 for arm in args.arms:
