@@ -253,3 +253,29 @@ def test_two_drivers_sharing_a_results_file_keep_each_others_runs(tmp_path: Path
     assert on_disk["pretrain"] == {"simclr": {"minutes": 12.1}}
     assert second.results == on_disk   # a driver keeps what is on disk, so its report shows the other's runs too
     assert first.results["pretrain"] == {"simclr": {"minutes": 12.1}}
+
+
+@pytest.mark.parametrize(("driver", "arm_pretrained", "arm_not"), [("vision", "simclr", "scratch"),
+                                                                    ("text", "bert_mlm", "scratch")])
+def test_only_a_driver_with_the_pretrained_arm_pretrains(monkeypatch, tmp_path: Path, driver: str,
+                                                         arm_pretrained: str, arm_not: str) -> None:
+    """A scratch-only driver started beside the pre-training one must neither pre-train again nor record a summary."""
+    import importlib
+
+    import common
+
+    module = importlib.import_module(driver)
+    trained, recorded = [], []
+    monkeypatch.setattr(module, "train", lambda runs, name, overrides, threads=None: trained.append(name))
+    monkeypatch.setattr(module, "pretrain_summary", lambda run_dir: {"steps": 1})
+    monkeypatch.setattr(module, "report", lambda *a, **k: "")
+    monkeypatch.setattr(module, "RUNS", tmp_path)
+    monkeypatch.setattr(common.Study, "run", lambda self, grid_from=None: None)
+    monkeypatch.setattr(common.Study, "record", lambda self, section, key, value: recorded.append((section, key)))
+    for arms, expect in (([arm_not], []), ([arm_pretrained], [("pretrain", arm_pretrained)])):
+        trained.clear()
+        recorded.clear()
+        monkeypatch.setattr(sys, "argv", [driver, "--arms", *arms])
+        module.main()
+        assert recorded == expect
+        assert len(trained) == len(expect)   # pre-trains only where the arm needs the checkpoint
