@@ -11,7 +11,7 @@ the same gradient clipping:
   conf/callbacks and conf/logger: checkpointing, early stopping, progress bar, throughput, preemption, atomic
   checkpoint IO, CSV + offline W&B) fitting the task;
 - fmlab-bare: the same trainer without callbacks or loggers;
-- raw: fmlab's model and loss in a hand-written loop;
+- raw: fmlab's model and loss in a hand-written loop; raw-compiled: the same with the model compiled (`compile=true`);
 - hf: `transformers.Trainer` on `GPT2LMHeadModel` / `BertForMaskedLM` holding our initial weights (mapped by
   fmlab.interop), with its default fused AdamW and our lr, betas, weight decay, warm-up and cosine floor over the
   same horizon.
@@ -67,7 +67,7 @@ OUT = ROOT / "experiments" / "benchmarks"
 WORKDIR = Path(tempfile.gettempdir()) / "fmlab-bench"
 TOTAL_STEPS = 10_000  # every runner's schedule horizon (warm-up: the task config's warmup_steps)
 NAMES = {"reference": "reference", "fmlab": "fmlab", "fmlab-bare": "fmlab (bare)", "raw": "raw loop",
-         "hf": "HF Trainer"}
+         "raw-compiled": "raw loop, compiled", "hf": "HF Trainer"}
 PRECISIONS = {"32": "fp32", "bf16-mixed": "bf16"}
 
 
@@ -438,8 +438,10 @@ def build(name: str, specs: list[tuple[str, str]], batch_size: int | None, logge
         key = label(kind, precision)
         if kind.startswith("fmlab"):
             runners[key] = Fmlab(task(), dm, cfg, precision, extras=kind == "fmlab")
-        elif kind == "raw":
+        elif kind in ("raw", "raw-compiled"):
             t = task()
+            if kind == "raw-compiled":
+                t.model.compile()  # as `compile=true` does in train.py; compiles in the warm-up chunk
             runners[key] = Loop(t, lambda m, *x: fmlab_loss(name)(m, *x), lambda b, t=t: workload.batch(t, b), dm,
                                 cfg, precision, lambda t=t: t.build_optimizer(TOTAL_STEPS))
         elif kind == "reference":
