@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -277,3 +278,19 @@ def test_figures_reach_tensorboard_and_wandb_style_loggers(tmp_path: Path) -> No
     [image] = events.Images("test/segmentation")
     assert (image.width, image.height) == (20, 10)
     assert wandb_like.logged == [("test/segmentation", [str(path)])]
+
+
+def test_the_experiment_report_averages_seeds_per_arm_and_budget(tmp_path: Path) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments" / "segmentation"))
+    import report
+
+    for seed, miou in enumerate((0.5, 0.6, 0.7)):
+        run = tmp_path / f"vit_scratch-f0.01-s{seed}"
+        (run / "checkpoints").mkdir(parents=True)
+        (run / "checkpoints" / "best-step40.ckpt").touch()
+        (run / "test_metrics.json").write_text(json.dumps({"metrics": {"test/miou": miou}}))
+    (tmp_path / "vit_mae-f0.1-s0").mkdir()   # a run that did not finish: no test metrics, left out
+    runs = report.collect(tmp_path)
+    assert set(runs) == {f"vit_scratch-f0.01-s{s}" for s in range(3)}
+    assert runs["vit_scratch-f0.01-s0"]["best_step"] == 40
+    assert "| vit_scratch | 60.0 ± 10.0 (n=3) |" in report.table(runs)
