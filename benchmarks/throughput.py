@@ -404,7 +404,8 @@ def runner_specs(spec: str | None, workload: Workload, no_hf: bool) -> list[tupl
     for item in spec.split(",") if spec else workload.runners:
         kind, _, precision = item.partition(":")
         if kind not in NAMES or (precision or "32") not in PRECISIONS:
-            raise SystemExit(f"--runners: {item!r}; runners are {sorted(NAMES)}, precisions {sorted(PRECISIONS)}")
+            raise SystemExit(f"error: --runners: {item!r}; runners are {sorted(NAMES)}, "
+                             f"precisions {sorted(PRECISIONS)}")
         if not (no_hf and kind == "hf"):
             specs.append((kind, precision or "32"))
     return specs
@@ -446,14 +447,14 @@ def build(name: str, specs: list[tuple[str, str]], batch_size: int | None, logge
                                 cfg, precision, lambda t=t: t.build_optimizer(TOTAL_STEPS))
         elif kind == "reference":
             if workload.reference is None:
-                raise SystemExit(f"--workload {name} has no reference model")
+                raise SystemExit(f"error: --workload {name}: it has no reference model")
             model = workload.reference(task())
             reference = reference or workload.reference(probe)
             runners[key] = Loop(model, lambda m, *x: m(*x), lambda b: workload.batch(probe, b), dm, cfg,
                                 precision, lambda m=model: ref.reference_optimizer(m, **settings))
         elif kind == "hf":
             if workload.hf_model is None:
-                raise SystemExit(f"--workload {name} has no Hugging Face twin")
+                raise SystemExit(f"error: --workload {name}: it has no Hugging Face twin")
             runners[key] = HFTrainer(task(), dm, cfg, precision, workload.hf_model)
             hf = hf or runners[key].model
     losses = check_same_start(name, workload, probe, dm, reference, hf) if reference or hf else {}

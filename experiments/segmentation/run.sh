@@ -12,7 +12,11 @@ OUT=${1:-outputs/experiments/segmentation}
 PY=${PY:-.venv/bin/python}
 SEEDS=${SEEDS:-"0 1 2"}
 FRACTIONS=${FRACTIONS:-"0.01 0.1"}
-ARMS=${ARMS:-"vit_mae vit_mae_pix vit_simclr vit_scratch resnet_scratch efficientnet_imagenet"}
+ALL_ARMS="vit_mae vit_mae_pix vit_simclr vit_scratch resnet_scratch efficientnet_imagenet"
+ARMS=${ARMS:-$ALL_ARMS}
+for arm in $ARMS; do
+  [[ " $ALL_ARMS " == *" $arm "* ]] || { echo "error: ARMS: no arm $arm; the arms are $ALL_ARMS" >&2; exit 2; }
+done
 PRETRAIN_STEPS=${PRETRAIN_STEPS:-1500}
 VIT=(model=vit model.patch_size=8 data=easy_vqa logger=csv)
 mkdir -p "$OUT"
