@@ -56,6 +56,7 @@ from torch.utils.data import DataLoader, Dataset
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import reference as ref  # noqa: E402
 
+from fmlab.callbacks.throughput import batch_counter, cpu_peak_flops, matmul_dtype  # noqa: E402
 from fmlab.config import compose_train_config  # noqa: E402
 from fmlab.runtime import build_trainer  # noqa: E402
 from fmlab.tasks.base import to_plain  # noqa: E402
@@ -468,6 +469,25 @@ def summarize(times: list[float], per_step: int) -> dict:
             "p90_ms": float(np.percentile(ms, 90)), "per_s": per_step / (median / 1000)}
 
 
+def step_flops(task: L.LightningModule, dm: Any) -> float | None:
+    """The training FLOPs of one step, as the throughput callback counts them (every runner does the same work)."""
+    counter = batch_counter(task, "flops")
+    return float(counter(next(iter(dm.train_dataloader())))) if counter else None
+
+
+def add_mfu(rows: dict[str, dict], precisions: dict[str, str], flops: float | None) -> dict[str, float]:
+    """Each row's achieved TFLOP/s and its share of this CPU's best matmul at the row's dtype (measured now, after
+    the timed rounds, on the same threads): how much headroom any runner has left. Returns the peaks, GFLOP/s."""
+    if not flops:
+        return {}
+    peaks = {p: cpu_peak_flops(matmul_dtype(p)) for p in sorted(set(precisions.values()))}
+    for name, row in rows.items():
+        achieved = flops / (row["median_ms"] / 1000)
+        row["tflops"] = achieved / 1e12
+        row["of_matmul_peak"] = achieved / peaks[precisions[name]]
+    return {PRECISIONS[p]: v / 1e9 for p, v in peaks.items()}
+
+
 def ratios(rows: dict[str, dict]) -> dict[str, float]:
     """The comparisons the targets are stated in: fmlab against the fp32 reference, the HF Trainer, itself."""
     out = {}
@@ -501,6 +521,7 @@ def main() -> None:
 
     made = time.perf_counter()
     cfg, dm, runners, losses = build(args.workload, specs, args.batch_size, args.logger)
+    flops = next((step_flops(r.task, dm) for r in runners.values() if isinstance(r, Fmlab)), None)
     first_step, times, chunks = {}, {name: [] for name in runners}, {name: [] for name in runners}
     for name, r in runners.items():  # warm-up chunk; also the time to the first step of a fresh run
         start = time.perf_counter()
@@ -525,6 +546,7 @@ def main() -> None:
         row["first_step_s"] = first_step[name]
         row["chunk_medians_ms"] = [round(t, 1) for t in chunks[name]]  # machine drift shows here, per round
         row["times_ms"] = [round(t * 1000, 1) for t in times[name]]
+    peaks = add_mfu(rows, {label(kind, precision): precision for kind, precision in specs}, flops)
     model = {k: v for k, v in to_plain(cfg.model).items() if k != "_target_"}
     command = f".venv/bin/python {' '.join(['benchmarks/throughput.py', *sys.argv[1:]])}"
     result = {
@@ -535,7 +557,8 @@ def main() -> None:
         "fmlab_logger": args.logger, "initial_losses": losses, "load_average": {"min": min(loads), "max": max(loads)},
         "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
         "hf_optimizer": next((r.optim for r in runners.values() if hasattr(r, "optim")), None),
-        "setup_s": time.perf_counter() - made, "results": rows, "ratios": ratios(rows),
+        "setup_s": time.perf_counter() - made, "flops_per_step": flops, "cpu_matmul_peak_gflops": peaks,
+        "results": rows, "ratios": ratios(rows),
     }
     OUT.mkdir(parents=True, exist_ok=True)
     tag = args.tag or f"{args.workload}-t{args.threads}"
@@ -546,12 +569,17 @@ def main() -> None:
         f"{args.steps - args.drop} timed steps, load {min(loads):.2f}-{max(loads):.2f}; initial losses "
         + ", ".join(f"{k} {v:.5f}" for k, v in losses.items()),
         "",
-        f"| runner | median ms/step | min | p90 | {workload.unit}/s | vs {base_name} | first step s |",
-        "|---|---|---|---|---|---|---|",
+        f"| runner | median ms/step | min | p90 | {workload.unit}/s | vs {base_name} | first step s | "
+        "% of matmul peak |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, r in rows.items():
+        mfu = f"{100 * r['of_matmul_peak']:.0f}" if "of_matmul_peak" in r else "–"
         lines.append(f"| {name} | {r['median_ms']:.1f} | {r['min_ms']:.1f} | {r['p90_ms']:.1f} | {r['per_s']:.0f} | "
-                     f"{base['median_ms'] / r['median_ms']:.3f}x | {r['first_step_s']:.2f} |")
+                     f"{base['median_ms'] / r['median_ms']:.3f}x | {r['first_step_s']:.2f} | {mfu} |")
+    if peaks:
+        lines += ["", f"Training FLOPs per step {flops / 1e9:.1f} G; this CPU's best matmul on {args.threads} "
+                  "thread(s): " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peaks.items())]
     lines += ["", *(f"- {k}: {v:.3f}x" for k, v in result["ratios"].items())]
     (OUT / f"{tag}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

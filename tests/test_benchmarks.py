@@ -89,6 +89,9 @@ def test_every_competitor_trains_the_workload(bench, name: str, spec: str | None
         key = "vs_" + base.replace(" ", "_")
         assert row[key] == pytest.approx(rows[base]["median_ms"] / row["median_ms"]), runner
         assert row["first_step_s"] >= SLEEP, runner
+        achieved = result["flops_per_step"] / (row["median_ms"] / 1000)  # its share of the CPU's best matmul
+        assert row["tflops"] == pytest.approx(achieved / 1e12), runner
+        assert row["of_matmul_peak"] == pytest.approx(achieved / (result["cpu_matmul_peak_gflops"]["fp32"] * 1e9))
     assert rows[runners[0]]["vs_" + runners[0].replace(" ", "_")] == 1.0
     if name == "bert":  # the three started from the same weights: one batch, the same loss
         losses = result["initial_losses"]
@@ -96,4 +99,4 @@ def test_every_competitor_trains_the_workload(bench, name: str, spec: str | None
         assert losses["HF"] == pytest.approx(losses["fmlab"], rel=1e-4)
         assert "fmlab fp32 / HF Trainer fp32" in result["ratios"]
     table = (tmp_path / "out" / f"{name}-t1.md").read_text()
-    assert all(f"| {runner} |" in table for runner in runners)
+    assert all(f"| {runner} |" in table for runner in runners) and "% of matmul peak" in table

@@ -127,6 +127,25 @@ def test_deepforest_preset_tiles_training_and_keeps_two_sites_apart(tmp_path: Pa
     assert len(every) > 853 * 0.9 and (every >= 0).all() and (every <= 400).all()
 
 
+
+@pytest.mark.skipif(importlib.util.find_spec("easy_vqa") is None, reason="easy-vqa==1.0 is not installed")
+def test_easy_vqa_boxes_bound_each_derived_mask_and_name_its_shape(tmp_path: Path) -> None:
+    from fmlab.data.image_masks import read_easy_vqa
+
+    data = DetectionDataModule(source="easy_vqa", val_fraction=0.1, image_fraction=0.05, seed=0,
+                               cache_dir=str(tmp_path))
+    data.setup()
+    assert data.class_names == ["circle", "rectangle", "triangle"]
+    # 4,000 training images less 401 for validation; 5 % of the 3,599 left
+    assert (len(data.train_set), len(data.val_set), len(data.test_set)) == (180, 401, 1000)
+    decoded = read_easy_vqa(None)
+    masks, shapes = decoded.masks["test"], torch.as_tensor(decoded.splits["test"][1])
+    for i in (0, 1, 500, 999):  # one box an image: the mask's bounding box (x1, y1 exclusive), classed by the shape
+        ys, xs = torch.nonzero(masks[i], as_tuple=True)
+        expected = torch.tensor([[xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]], dtype=torch.float32)
+        torch.testing.assert_close(data.test_set.boxes[i], expected)
+        assert data.test_set.labels[i].tolist() == [int(shapes[i]) + 1]
+
 TINY_DET = [o for o in TINY_VIT if not o.startswith("data.batch_size") and not o.startswith("data.eval_batch")] + [
     "stage=finetune", "task=detection", "data=deepforest", "trainer.max_steps=24", "trainer.max_epochs=-1",
     "trainer.val_check_interval=12", "trainer.check_val_every_n_epoch=null", "task.pyramid_channels=32",
