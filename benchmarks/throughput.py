@@ -42,10 +42,11 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
 from typing import Any
 
+import hydra
 import lightning as L
 import numpy as np
 import torch
@@ -59,7 +60,7 @@ import reference as ref  # noqa: E402
 from fmlab.callbacks.throughput import batch_counter, cpu_peak_flops, matmul_dtype  # noqa: E402
 from fmlab.config import compose_train_config  # noqa: E402
 from fmlab.runtime import build_trainer  # noqa: E402
-from fmlab.tasks.base import to_plain  # noqa: E402
+from fmlab.tasks.base import build_model, to_plain  # noqa: E402
 from fmlab.tasks.masked_lm import mask_tokens  # noqa: E402
 from fmlab.training import build_datamodule, build_task, close_loggers, instantiate_list, run_pretrained  # noqa: E402
 
@@ -513,7 +514,11 @@ def main() -> None:
     parser.add_argument("--logger", default="default", help="fmlab's logger option (default: csv + offline W&B)")
     parser.add_argument("--no-hf", action="store_true")
     parser.add_argument("--tag", default=None, help="output name; default <workload>-t<threads>")
+    parser.add_argument("--rescore", type=Path, default=None, help="add the matmul-peak columns to this result file")
     args = parser.parse_args()
+    if args.rescore:
+        rescore(args.rescore.resolve())
+        return
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
     workload = WORKLOADS[args.workload]
@@ -548,6 +553,9 @@ def main() -> None:
         row["times_ms"] = [round(t * 1000, 1) for t in times[name]]
     peaks = add_mfu(rows, {label(kind, precision): precision for kind, precision in specs}, flops)
     model = {k: v for k, v in to_plain(cfg.model).items() if k != "_target_"}
+    built = next((getattr(r.task.model, "config", None) for r in runners.values() if isinstance(r, Fmlab)), None)
+    if is_dataclass(built):  # the fields the data set at start (vocab_size from the tokenizer)
+        model.update({k: v for k, v in asdict(built).items() if k in model})
     command = f".venv/bin/python {' '.join(['benchmarks/throughput.py', *sys.argv[1:]])}"
     result = {
         "workload": args.workload, "command": command, "train_py": f"train.py {' '.join(workload.overrides)}",
@@ -560,16 +568,24 @@ def main() -> None:
         "setup_s": time.perf_counter() - made, "flops_per_step": flops, "cpu_matmul_peak_gflops": peaks,
         "results": rows, "ratios": ratios(rows),
     }
+    write_report(result, args.tag or f"{args.workload}-t{args.threads}")
+
+
+def write_report(result: dict, tag: str) -> None:
+    """experiments/benchmarks/<tag>.json and the table of it, <tag>.md."""
     OUT.mkdir(parents=True, exist_ok=True)
-    tag = args.tag or f"{args.workload}-t{args.threads}"
     (OUT / f"{tag}.json").write_text(json.dumps(result, indent=2))
+    rows, load = result["results"], result["load_average"]
+    base_name = "reference fp32" if "reference fp32" in rows else next(iter(rows))
+    base = rows[base_name]
     lines = [
-        f"`{command}`", "",
-        f"`{result['train_py']}`, batch {dm.batch_size}, {args.threads} thread(s), {args.rounds} rounds x "
-        f"{args.steps - args.drop} timed steps, load {min(loads):.2f}-{max(loads):.2f}; initial losses "
-        + ", ".join(f"{k} {v:.5f}" for k, v in losses.items()),
+        f"`{result['command']}`", "",
+        f"`{result['train_py']}`, batch {result['batch_size']}, {result['threads']} thread(s), {result['rounds']} "
+        f"rounds x {result['steps_per_chunk'] - result['dropped_per_chunk']} timed steps, load "
+        f"{load['min']:.2f}-{load['max']:.2f}; initial losses "
+        + ", ".join(f"{k} {v:.5f}" for k, v in result["initial_losses"].items()),
         "",
-        f"| runner | median ms/step | min | p90 | {workload.unit}/s | vs {base_name} | first step s | "
+        f"| runner | median ms/step | min | p90 | {result['unit']}/s | vs {base_name} | first step s | "
         "% of matmul peak |",
         "|---|---|---|---|---|---|---|---|",
     ]
@@ -577,13 +593,37 @@ def main() -> None:
         mfu = f"{100 * r['of_matmul_peak']:.0f}" if "of_matmul_peak" in r else "–"
         lines.append(f"| {name} | {r['median_ms']:.1f} | {r['min_ms']:.1f} | {r['p90_ms']:.1f} | {r['per_s']:.0f} | "
                      f"{base['median_ms'] / r['median_ms']:.3f}x | {r['first_step_s']:.2f} | {mfu} |")
-    if peaks:
-        lines += ["", f"Training FLOPs per step {flops / 1e9:.1f} G; this CPU's best matmul on {args.threads} "
-                  "thread(s): " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peaks.items())]
+    if peaks := result.get("cpu_matmul_peak_gflops"):
+        lines += ["", f"Training FLOPs per step {result['flops_per_step'] / 1e9:.1f} G; this CPU's best matmul on "
+                  f"{result['threads']} thread(s): " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peaks.items())]
+    if note := result.get("rescored"):
+        lines += ["", note]
     lines += ["", *(f"- {k}: {v:.3f}x" for k, v in result["ratios"].items())]
     (OUT / f"{tag}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
+
+def rescore(path: Path) -> None:
+    """Add the MFU columns to an earlier result file, its timings kept: the FLOPs per step from the model its
+    workload's config builds (for tasks that leave the count to the model), the CPU peak measured now."""
+    result = json.loads(path.read_text())
+    workload = WORKLOADS[result["workload"]]
+    cfg = compose_train_config(workload.overrides, WORKDIR)
+    task_class = hydra.utils.get_class(cfg.task._target_)
+    if any(hasattr(task_class, f"flops_per_{unit}") for unit in ("batch", "sample")):
+        raise SystemExit(f"error: --rescore {path}: {task_class.__name__} counts its FLOPs from a batch; rerun the "
+                         "workload instead")
+    model = build_model({**to_plain(cfg.model), **result["model"]})
+    flops = float(model.flops_per_sample() * result["batch_size"])
+    torch.set_num_threads(result["threads"])
+    precisions = {name: next(p for p, short in PRECISIONS.items() if name.endswith(short))
+                  for name in result["results"]}
+    result["flops_per_step"] = flops
+    result["cpu_matmul_peak_gflops"] = add_mfu(result["results"], precisions, flops)
+    shown = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
+    result["rescored"] = (f"Matmul peak measured {time.strftime('%Y-%m-%d')} by `benchmarks/throughput.py --rescore "
+                          f"{shown}`; step times from the run above.")
+    write_report(result, path.stem)
 
 if __name__ == "__main__":
     main()
