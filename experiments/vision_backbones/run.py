@@ -1,9 +1,10 @@
 """Vision backbones at few labels on Fashion-MNIST: ImageNet weights vs contrastive vs MAE pre-training vs scratch.
 
-    OMP_NUM_THREADS=2 .venv/bin/python experiments/vision_backbones/run.py [--fractions 0.01 0.1] [--seeds 0 1 2]
+    .venv/bin/python experiments/vision_backbones/run.py [--fractions 0.01 0.1] [--seeds 0 1 2] [--arms ...]
 
-Arms (each fine-tuned with the stage=finetune recipe, its cosine schedule over --max-epochs (30) epochs, early
-stopping on the validation loss within it, the best checkpoint tested on the official 10,000 test images):
+Arms (each fine-tuned with the shipped stage=finetune recipe: validation rounds of at least 20 steps, early stopping
+on the validation loss with patience 10, at most 100 rounds with the cosine schedule over them, the best checkpoint
+tested on the official 10,000 test images):
 - efficientnet_imagenet: EfficientNet-Lite0 from its ImageNet weights (model=efficientnet, 64x64, grey stem);
 - efficientnet_scratch: the same network from random weights (pretrained=null);
 - vit_simclr: the default small ViT pre-trained with SimCLR (task=simclr) on the training images, labels unused;
@@ -11,7 +12,9 @@ stopping on the validation loss within it, the best checkpoint tested on the off
 - vit_scratch: the same ViT from random weights.
 The classic pixel logistic regression on exactly these samples is in ../label_efficiency/results_classic.json
 (`seed=<s>` draws the same validation split and few labels in every arm). Results go to results.json after every
-run (a rerun skips what is done), results.md; run folders to outputs/experiments/vision_backbones/.
+run (re-read before each write, so two drivers with disjoint --arms can share it; a rerun skips what is done),
+results.md; run folders to outputs/experiments/vision_backbones/. results_fixed30.json holds the earlier round
+(a fixed 30-epoch schedule, validating every epoch).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "label_efficiency"))
-from common import ROOT, sample_std, train  # noqa: E402
+from common import ROOT, record_result, run_summary, sample_std, train  # noqa: E402
 
 RUNS = ROOT / "outputs" / "experiments" / "vision_backbones"
 RESULTS = HERE / "results.json"
@@ -37,8 +40,7 @@ PRETRAIN = {"vit_simclr": ["model=vit", "stage=pretrain", "task=simclr"], "vit_m
 
 def finetune_overrides(arm: str, fraction: float, seed: int, pretrained: dict[str, Path], epochs: int) -> list[str]:
     family = arm.split("_")[0]
-    out = [f"model={family}", "stage=finetune", f"seed={seed}", f"trainer.max_epochs={epochs}",
-           "callbacks.validation_rounds.min_steps=1"]  # the recorded runs count plain epochs, before validation rounds
+    out = [f"model={family}", "stage=finetune", f"seed={seed}", f"trainer.max_epochs={epochs}"]
     if fraction < 1:
         out.append(f"data.label_fraction={fraction}")
     if arm in pretrained:
@@ -63,7 +65,9 @@ def report(results: dict) -> None:
             runs = [r for r in results["runs"].values() if r["arm"] == arm and r["fraction"] == f]
             acc = np.array([r["test/acc"] for r in runs]) * 100
             minutes = np.mean([r["seconds"] for r in runs]) / 60 if runs else 0
-            cells.append(f"{acc.mean():.1f} ± {sample_std(acc):.1f} (n={len(runs)}, {minutes:.0f} min)" if runs
+            capped = sum(r.get("stopped") == "cap" for r in runs)
+            ended = f", {capped} at the cap" if capped else ""
+            cells.append(f"{acc.mean():.1f} ± {sample_std(acc):.1f} (n={len(runs)}, {minutes:.0f} min{ended})" if runs
                          else "not run")
         lines.append(f"| {f:.0%} | " + " | ".join(cells) + " |")
     cost = [f"- {arm} pre-training: {p['steps']} steps, {p['seconds'] / 60:.0f} min, final val/loss "
@@ -90,7 +94,8 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--arms", nargs="+", default=ARMS, choices=ARMS)
     p.add_argument("--pretrain-steps", type=int, default=600)
-    p.add_argument("--max-epochs", type=int, default=30, help="the fine-tuning schedule's length")
+    p.add_argument("--max-epochs", type=int, default=100,
+                   help="the cap in validation rounds, which the cosine schedule spans (the recipe's 100)")
     p.add_argument("--report-only", action="store_true")
     args = p.parse_args()
     results = load(RESULTS)
@@ -104,9 +109,8 @@ def main() -> None:
             start = time.perf_counter()
             train(RUNS, f"{arm}_pretrain", [*PRETRAIN[arm], f"trainer.max_steps={args.pretrain_steps}",
                                             f"trainer.val_check_interval={max(1, args.pretrain_steps // 5)}"])
-            results["pretrain"][arm] = {"steps": args.pretrain_steps, "seconds": round(time.perf_counter() - start),
-                                        **last_metrics(run_dir)}
-            RESULTS.write_text(json.dumps(results, indent=2))
+            results = record_result(RESULTS, results, "pretrain", arm, {
+                "steps": args.pretrain_steps, "seconds": round(time.perf_counter() - start), **last_metrics(run_dir)})
         pretrained[arm] = run_dir
     for fraction in args.fractions:
         for seed in args.seeds:
@@ -117,10 +121,10 @@ def main() -> None:
                 start = time.perf_counter()
                 run_dir = train(RUNS, name, finetune_overrides(arm, fraction, seed, pretrained, args.max_epochs))
                 metrics = json.loads((run_dir / "test_metrics.json").read_text())["metrics"]
-                results["runs"][name] = {"arm": arm, "fraction": fraction, "seed": seed,
-                                         "seconds": round(time.perf_counter() - start),
-                                         "test/acc": metrics["test/acc"], "test/f1": metrics["test/f1"]}
-                RESULTS.write_text(json.dumps(results, indent=2))
+                results = record_result(RESULTS, results, "runs", name, {
+                    "arm": arm, "fraction": fraction, "seed": seed, "seconds": round(time.perf_counter() - start),
+                    "test/acc": metrics["test/acc"], "test/f1": metrics["test/f1"],
+                    **run_summary(run_dir, args.max_epochs)})
                 report(results)
 
 
