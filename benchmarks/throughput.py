@@ -606,6 +606,8 @@ def write_report(result: dict, tag: str) -> None:
 def rescore(path: Path) -> None:
     """Add the MFU columns to an earlier result file, its timings kept: the FLOPs per step from the model its
     workload's config builds (for tasks that leave the count to the model), the CPU peak measured now."""
+    if not path.is_file():
+        raise SystemExit(f"error: --rescore {path}: no such file; give a result JSON from experiments/benchmarks/")
     result = json.loads(path.read_text())
     workload = WORKLOADS[result["workload"]]
     cfg = compose_train_config(workload.overrides, WORKDIR)
