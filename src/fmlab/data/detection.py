@@ -179,6 +179,11 @@ def read_easy_vqa_boxes(root: str | None = None) -> dict[str, list[Annotated]]:
     return splits
 
 
+def not_a_detection_source(source: str) -> DataError:
+    return DataError(f"data.source={source}: not a preset (deepforest, easy_vqa), a COCO .json file or a folder of "
+                     "VOC .xml files")
+
+
 def read_detection_source(source: str, root: str | None) -> dict[str, list[Annotated]]:
     """A preset (`deepforest`, `easy_vqa`), a COCO JSON file, or a folder of VOC XML files (with `train/`,
     `val/`, `test/` subfolders, or all training)."""
@@ -190,8 +195,7 @@ def read_detection_source(source: str, root: str | None) -> dict[str, list[Annot
     if path.is_file() and path.suffix == ".json":
         return {"train": read_coco(path)}
     if not path.is_dir():
-        raise DataError(f"data.source={source}: not a preset (deepforest, easy_vqa), a COCO .json file or a "
-                        "folder of VOC .xml files")
+        raise not_a_detection_source(source)
     named = {s: path / s for s in ("train", "val", "test") if (path / s).is_dir()}
     folders = named if "train" in named else {"train": path}
     splits = {}
@@ -264,6 +268,8 @@ class DetectionDataModule(CachedDataModule):
         if self.source in ("deepforest", "easy_vqa"):
             folder = Path(self.root).expanduser() if self.root else None
             files = fingerprint(str(folder)) if folder else self.source
+        elif not Path(self.source).expanduser().exists():  # before fingerprinting, which names other presets
+            raise not_a_detection_source(self.source)
         else:
             files = fingerprint(self.source)
         return {"source": self.source, "files": files, "size": self.img_size, "min_area": MIN_KEPT_AREA}
