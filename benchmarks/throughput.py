@@ -526,7 +526,8 @@ def main() -> None:
 
     made = time.perf_counter()
     cfg, dm, runners, losses = build(args.workload, specs, args.batch_size, args.logger)
-    flops = next((step_flops(r.task, dm) for r in runners.values() if isinstance(r, Fmlab)), None)
+    fmlab_task = next((r.task for r in runners.values() if isinstance(r, Fmlab)), None)
+    flops = step_flops(fmlab_task, dm) if fmlab_task is not None else None
     first_step, times, chunks = {}, {name: [] for name in runners}, {name: [] for name in runners}
     for name, r in runners.items():  # warm-up chunk; also the time to the first step of a fresh run
         start = time.perf_counter()
@@ -553,7 +554,7 @@ def main() -> None:
         row["times_ms"] = [round(t * 1000, 1) for t in times[name]]
     peaks = add_mfu(rows, {label(kind, precision): precision for kind, precision in specs}, flops)
     model = {k: v for k, v in to_plain(cfg.model).items() if k != "_target_"}
-    built = next((getattr(r.task.model, "config", None) for r in runners.values() if isinstance(r, Fmlab)), None)
+    built = getattr(fmlab_task.model, "config", None) if fmlab_task is not None else None
     if is_dataclass(built):  # the fields the data set at start (vocab_size from the tokenizer)
         model.update({k: v for k, v in asdict(built).items() if k in model})
     command = f".venv/bin/python {' '.join(['benchmarks/throughput.py', *sys.argv[1:]])}"
