@@ -29,7 +29,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "label_efficiency"))
-from common import ROOT, record_result, run_summary, sample_std, train  # noqa: E402
+from common import ROOT, record_result, run_summary, spread, train  # noqa: E402
 
 RUNS = ROOT / "outputs" / "experiments" / "vision_backbones"
 RESULTS = HERE / "results.json"
@@ -60,14 +60,14 @@ def report(results: dict) -> None:
     lines = ["| labels | pixels + logistic regression | " + " | ".join(ARMS) + " |", "|---|---|" + "---|" * len(ARMS)]
     for f in fractions:
         base = np.array([v["test/acc"] for k, v in classic.items() if k.startswith(f"vision-{f:.0%}-")]) * 100
-        cells = [f"{base.mean():.1f} ± {sample_std(base):.1f} (n={len(base)})" if len(base) else "–"]
+        cells = [f"{spread(base)} (n={len(base)})" if len(base) else "–"]
         for arm in ARMS:
             runs = [r for r in results["runs"].values() if r["arm"] == arm and r["fraction"] == f]
             acc = np.array([r["test/acc"] for r in runs]) * 100
             minutes = np.mean([r["seconds"] for r in runs]) / 60 if runs else 0
             capped = sum(r.get("stopped") == "cap" for r in runs)
             ended = f", {capped} at the cap" if capped else ""
-            cells.append(f"{acc.mean():.1f} ± {sample_std(acc):.1f} (n={len(runs)}, {minutes:.0f} min{ended})" if runs
+            cells.append(f"{spread(acc)} (n={len(runs)}, {minutes:.0f} min{ended})" if runs
                          else "not run")
         lines.append(f"| {f:.0%} | " + " | ".join(cells) + " |")
     cost = [f"- {arm} pre-training: {p['steps']} steps, {p['seconds'] / 60:.0f} min, final val/loss "
