@@ -60,10 +60,10 @@ def test_a_bad_annotation_is_one_error_naming_the_file(tmp_path: Path, fault: st
         DetectionDataModule(source=str(folder), cache_dir=str(tmp_path / "cache")).setup()
 
 
-
 def test_a_missing_source_names_the_detection_presets(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"data.source=nope: not a preset \(deepforest, easy_vqa\)"):
         DetectionDataModule(source="nope", cache_dir=str(tmp_path)).setup()
+
 
 def test_coco_reader_converts_xywh_and_checks_categories(tmp_path: Path) -> None:
     from PIL import Image
