@@ -50,6 +50,14 @@ def finetune_overrides(arm: str, fraction: float, seed: int, pretrained: dict[st
     return out
 
 
+def label_fraction(text: str) -> float:
+    """A --fractions value: the share of the training labels, in (0, 1]."""
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a share of the training labels in (0, 1], e.g. 0.01 or 0.1")
+    return value
+
+
 def load(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {"pretrain": {}, "runs": {}}
 
@@ -90,7 +98,7 @@ def last_metrics(run_dir: Path) -> dict[str, float]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--fractions", type=float, nargs="+", default=[0.01, 0.1])
+    p.add_argument("--fractions", type=label_fraction, nargs="+", default=[0.01, 0.1])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--arms", nargs="+", default=ARMS, choices=ARMS)
     p.add_argument("--pretrain-steps", type=int, default=600)
